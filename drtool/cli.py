@@ -1,0 +1,304 @@
+"""drtool's command line. Thin: load the config, call one service, render the result.
+
+Exit codes: 0 success; 1 the operation failed or found damage; 2 usage or configuration
+error; 3 another run holds the lock; 4 a disk threshold is breached and could not be cleared.
+`--json` prints exactly one JSON document on stdout; logs and progress go to stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from drtool import __version__, secrets
+from drtool.errors import ConfigError, DrtoolError
+from drtool.progress import Progress
+
+log = logging.getLogger("drtool")
+
+
+class State:
+    def __init__(self, config: str | None, as_json: bool):
+        self.config_path = config
+        self.as_json = as_json
+        self._config = None
+
+    @property
+    def config(self):
+        if self._config is None:
+            from drtool import config
+
+            self._config = config.load(self.config_path)
+        return self._config
+
+    def repository(self, create: bool = False):
+        from drtool.repo import open_repository
+
+        return open_repository(self.config.repository, create=create)
+
+    def emit(self, doc: dict[str, Any], human: Callable[[], None]) -> None:
+        if self.as_json:
+            click.echo(secrets.redact(json.dumps(doc, indent=2, default=str)))
+        else:
+            human()
+
+
+def _setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.DEBUG if verbose else (logging.WARNING if quiet else logging.INFO)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_RedactingFormatter("drtool: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+    logging.getLogger("drtool").setLevel(level)
+    Progress.enabled = not quiet
+
+
+class _RedactingFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return secrets.redact(super().format(record))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "-c", "config", metavar="FILE", help="drtool.toml to use (default ./drtool.toml or $DRTOOL_CONFIG).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+@click.option("-v", "--verbose", count=True, help="More log output.")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors; no progress.")
+@click.version_option(__version__, prog_name="drtool")
+@click.pass_context
+def cli(ctx: click.Context, config: str | None, as_json: bool, verbose: int, quiet: bool) -> None:
+    """Backup, disaster recovery and data lifecycle for Teranode nodes."""
+    _setup_logging(verbose, quiet)
+    ctx.obj = State(config, as_json)
+
+
+def _split_only(values: tuple[str, ...]) -> list[str] | None:
+    out = [v.strip() for value in values for v in value.split(",") if v.strip()]
+    return out or None
+
+
+# ---- backup ------------------------------------------------------------------------------
+@cli.command()
+@click.option("--tag", "tags", multiple=True, help="Tag the snapshot (repeatable).")
+@click.option("--only", "only", multiple=True, help="Only these sources: postgres,aerospike,blobstores,files.")
+@click.option("--dry-run", is_flag=True, help="Read and measure; store nothing.")
+@click.pass_obj
+def backup(state: State, tags: tuple[str, ...], only: tuple[str, ...], dry_run: bool) -> None:
+    """Take a snapshot of the node."""
+    from drtool import snapshot
+
+    cfg = state.config
+    repo = state.repository(create=not dry_run)
+    result = snapshot.take(cfg, repo, tags=list(tags), only=_split_only(only), dry_run=dry_run)
+
+    def human() -> None:
+        s = result.stats
+        if result.manifest is None:
+            click.echo(f"dry run: {s.files_new} files to read, {s.files_unchanged} unchanged, "
+                       f"{_human(s.bytes_read)} read, about {_human(s.bytes_stored)} to store")
+            return
+        m = result.manifest
+        click.echo(f"snapshot {m.id[:8]} saved ({m.status}) in {result.seconds:.1f}s: "
+                   f"{s.files_new} new files, {s.files_unchanged} unchanged, {_human(s.bytes_read)} read, "
+                   f"{_human(s.bytes_stored)} stored")
+        if m.status == "fuzzy":
+            click.echo("  fuzzy: taken while the node ran (quiesce = \"none\"); a node restored from it "
+                       "needs a resync")
+
+    state.emit(result.as_dict(), human)
+
+
+# ---- snapshots ---------------------------------------------------------------------------
+@cli.command()
+@click.option("--tag", "tags", multiple=True, help="Only snapshots with this tag.")
+@click.pass_obj
+def snapshots(state: State, tags: tuple[str, ...]) -> None:
+    """List snapshots: id, time, tags, best block, size, status."""
+    repo = state.repository()
+    snaps = [s for s in repo.snapshots() if all(t in s.tags for t in tags)]
+    cfg = state.config
+    configured = cfg.sources()
+
+    def human() -> None:
+        if not snaps:
+            click.echo("no snapshots")
+        for s in snaps:
+            best = s.doc.get("best_block") or {}
+            height = best.get("height", "-") if isinstance(best, dict) else "-"
+            click.echo(f"{s.id[:8]}  {s.doc['time'][:19]}  {s.status:<8}  {_human(s.doc.get('size', 0)):>10}  "
+                       f"height {height!s:<8}  {','.join(sorted(s.sources))}  {','.join(s.tags)}")
+        missing = [name for name in ("postgres", "aerospike", "blobstores", "files") if name not in configured]
+        if missing:
+            click.echo(f"not configured, so not backed up: {', '.join(missing)}")
+
+    state.emit({"snapshots": [s.summary() for s in snaps], "not_configured":
+                [n for n in ("postgres", "aerospike", "blobstores", "files") if n not in configured]}, human)
+
+
+# ---- restore -----------------------------------------------------------------------------
+@cli.command()
+@click.argument("snapshot_ref", metavar="SNAPSHOT")
+@click.option("--target-dir", type=click.Path(path_type=Path), help="Recreate the node's data directory here.")
+@click.option("--pg-dsn", help="Restore PostgreSQL into this database.")
+@click.option("--aerospike", "aerospike_host", metavar="HOST:PORT", help="Restore the UTXO store into this cluster.")
+@click.option("--only", "only", multiple=True, help="Only these sources.")
+@click.option("--force", is_flag=True, help="Restore over non-empty targets (their content is moved aside).")
+@click.pass_obj
+def restore(state: State, snapshot_ref: str, target_dir: Path | None, pg_dsn: str | None,
+            aerospike_host: str | None, only: tuple[str, ...], force: bool) -> None:
+    """Rebuild a node's data from SNAPSHOT (an id, a unique prefix, or `latest`)."""
+    from drtool import restore as restore_mod
+
+    repo = state.repository()
+    snap = repo.find(snapshot_ref)
+    cfg = state.config
+    result = restore_mod.restore(cfg, repo, snap, target_dir=target_dir.resolve() if target_dir else None,
+                                 only=_split_only(only), force=force)
+
+    def human() -> None:
+        click.echo(f"restored snapshot {snap.id[:8]}: {result.files} files, {_human(result.bytes)}")
+        for p in result.placements:
+            click.echo(f"  {p.source}/{p.name} -> {p.final}")
+        for aside in result.moved_aside:
+            click.echo(f"  previous content kept at {aside}")
+        for f in result.findings:
+            click.echo(f"  {f.severity}: {f}")
+        for step in result.next_steps:
+            click.echo(f"next: {step}")
+
+    state.emit(result.as_dict(), human)
+    if not result.ok:
+        sys.exit(1)
+
+
+# ---- verify ------------------------------------------------------------------------------
+def _parse_fraction(value: str | None) -> float:
+    if value is None:
+        return 0.0
+    text = value.strip()
+    try:
+        fraction = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        raise ConfigError(f"--read-data: expected a fraction (0.05) or a percentage (5%), got {value!r}") from None
+    if not 0 < fraction <= 1:
+        raise ConfigError(f"--read-data: fraction must be in (0, 1], got {value!r}")
+    return fraction
+
+
+@cli.command()
+@click.argument("snapshot_ref", metavar="[SNAPSHOT]", required=False)
+@click.option("--all", "all_snapshots", is_flag=True, help="Every snapshot (the default without SNAPSHOT).")
+@click.option("--read-data", "read_data", is_flag=False, flag_value="1", default=None, metavar="[FRACTION]",
+              help="Download and hash the data too (all of it, or a fraction: 0.05 or 5%).")
+@click.pass_obj
+def verify(state: State, snapshot_ref: str | None, all_snapshots: bool, read_data: str | None) -> None:
+    """Check the repository: objects present, sizes right; with --read-data, every byte."""
+    from drtool import verify as verify_mod
+
+    fraction = _parse_fraction(read_data)
+    repo = state.repository()
+    if snapshot_ref and all_snapshots:
+        raise ConfigError("verify: give SNAPSHOT or --all, not both")
+    snaps = [repo.find(snapshot_ref)] if snapshot_ref else repo.snapshots()
+    result = verify_mod.verify(repo, snaps, fraction)
+
+    def human() -> None:
+        what = f"{len(snaps)} snapshot{'s' if len(snaps) != 1 else ''}"
+        data = f", read {fraction:.0%} of the data" if fraction else ""
+        if result.ok:
+            click.echo(f"verified {what}{data}: no problems found")
+        else:
+            click.echo(f"verified {what}{data}: {len(result.findings)} problems")
+        for f in result.findings:
+            click.echo(f"  {f.severity}: {f}")
+
+    state.emit(result.as_dict(), human)
+    if not result.ok:
+        sys.exit(1)
+
+
+# ---- init --------------------------------------------------------------------------------
+@cli.command()
+@click.option("--from-teranode", "settings_path", type=click.Path(path_type=Path),
+              help="Teranode's settings.conf (settings_local.conf beside it overrides it).")
+@click.option("--context", help="Settings context (default: $SETTINGS_CONTEXT).")
+@click.option("--data-dir", type=click.Path(path_type=Path), help="The node's data directory.")
+@click.option("--repository", "repo_url", default=None, help="Repository URL (file://, s3://, restic:).")
+@click.option("--output", "-o", type=click.Path(path_type=Path), default=None, help="Where to write (default: --config or ./drtool.toml).")
+@click.option("--force", is_flag=True, help="Overwrite an existing file.")
+@click.pass_obj
+def init(state: State, settings_path: Path | None, context: str | None, data_dir: Path | None,
+         repo_url: str | None, output: Path | None, force: bool) -> None:
+    """Write a drtool.toml for a node."""
+    from drtool import setup
+
+    output = output or Path(state.config_path or "drtool.toml")
+    text, found = setup.render_config(settings_path=settings_path, context=context, data_dir=data_dir,
+                                      repo_url=repo_url)
+    if output.exists() and not force:
+        raise ConfigError(f"{output}: exists (use --force to overwrite)")
+    output.write_text(text)
+    output.chmod(0o600)
+    state.emit({"ok": True, "path": str(output), "found": found},
+               lambda: click.echo(f"wrote {output}" + (f" ({', '.join(found)})" if found else "")))
+
+
+# ---- demo --------------------------------------------------------------------------------
+@cli.command()
+@click.argument("directory", required=False, type=click.Path(path_type=Path), default=Path("drtool-demo"))
+@click.option("--seed", default=1, show_default=True, help="Sample node seed (same seed, same bytes).")
+@click.option("--tx-files", default=3000, show_default=True)
+@click.option("--subtrees", default=12, show_default=True)
+@click.option("--blocks", default=10, show_default=True)
+@click.pass_obj
+def demo(state: State, directory: Path, seed: int, tx_files: int, subtrees: int, blocks: int) -> None:
+    """Build a sample node, back it up, verify, restore into a fresh folder, verify again."""
+    from drtool import demo as demo_mod
+
+    summary = demo_mod.run(directory.resolve(), seed=seed, tx_files=tx_files, subtrees=subtrees, blocks=blocks)
+    state.emit(summary, lambda: click.echo(demo_mod.render(summary)))
+    if not summary["ok"]:
+        sys.exit(1)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def main(argv: list[str] | None = None) -> None:
+    as_json = "--json" in (argv if argv is not None else sys.argv[1:])
+    try:
+        cli.main(args=argv, prog_name="drtool", standalone_mode=False)
+    except click.exceptions.Abort:
+        _fail("interrupted", 130, as_json)
+    except click.ClickException as exc:
+        _fail(exc.format_message(), 2, as_json)
+    except DrtoolError as exc:
+        _fail(str(exc), exc.exit_code, as_json)
+    except KeyboardInterrupt:
+        _fail("interrupted", 130, as_json)
+    except Exception as exc:  # a bug: say it in one line, keep the trace for -v
+        log.debug("unexpected error", exc_info=True)
+        _fail(f"unexpected error: {type(exc).__name__}: {exc}", 1, as_json)
+    sys.exit(0)
+
+
+def _fail(message: str, code: int, as_json: bool) -> None:
+    message = secrets.redact(message)
+    if as_json:
+        click.echo(json.dumps({"ok": False, "error": message, "exit_code": code}))
+    click.echo(f"drtool: error: {message}", err=True)
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

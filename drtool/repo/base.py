@@ -1,0 +1,169 @@
+"""The repository interface every engine (native, restic) implements.
+
+Sources hand the engine folders (TreeSpec) and byte streams; the engine hands back opaque
+references that go into the snapshot manifest. An engine never knows what Teranode is.
+"""
+
+from __future__ import annotations
+
+import abc
+import datetime as dt
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+from drtool.errors import ConfigError
+from drtool.progress import Progress
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class TreeSpec:
+    """A folder to back up. `exclude(relpath, is_dir)` says what is not data; `exclude_globs`
+    says the same for engines that walk by themselves (restic)."""
+
+    name: str
+    root: Path
+    exclude: Callable[[str, bool], bool] = lambda rel, is_dir: False
+    exclude_globs: list[str] = field(default_factory=list)
+
+
+@dataclass
+class BackupStats:
+    files_new: int = 0
+    files_unchanged: int = 0
+    files_vanished: int = 0
+    bytes_read: int = 0
+    bytes_stored: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class RestoreStats:
+    files: int = 0
+    dirs: int = 0
+    bytes_written: int = 0
+
+
+@dataclass
+class Finding:
+    """A problem found: `subject` names the object, file or row; `problem` what is wrong."""
+
+    subject: str
+    problem: str
+    severity: str = "error"  # error | warning
+
+    def as_dict(self) -> dict[str, str]:
+        return {"subject": self.subject, "problem": self.problem, "severity": self.severity}
+
+    def __str__(self) -> str:
+        return f"{self.subject}: {self.problem}"
+
+
+@dataclass
+class Manifest:
+    """A snapshot's manifest: written last; a snapshot exists only once it is."""
+
+    id: str
+    doc: dict[str, Any]
+
+    @property
+    def time(self) -> dt.datetime:
+        return dt.datetime.fromisoformat(self.doc["time"])
+
+    @property
+    def tags(self) -> list[str]:
+        return list(self.doc.get("tags", []))
+
+    @property
+    def status(self) -> str:
+        return self.doc.get("status", "complete")
+
+    @property
+    def parent(self) -> str | None:
+        return self.doc.get("parent")
+
+    @property
+    def node(self) -> str:
+        return self.doc.get("node", "")
+
+    @property
+    def sources(self) -> dict[str, Any]:
+        return self.doc.get("sources", {})
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "time": self.doc["time"],
+            "tags": self.tags,
+            "status": self.status,
+            "node": self.node,
+            "best_block": self.doc.get("best_block"),
+            "size": self.doc.get("size", 0),
+            "sources": sorted(self.sources),
+        }
+
+
+class BackupSession(abc.ABC):
+    """One backup in progress: store trees and streams, then commit the manifest (or abort)."""
+
+    stats: BackupStats
+
+    @abc.abstractmethod
+    def store_tree(self, spec: TreeSpec, parent_ref: dict | None, progress: Progress) -> dict:
+        """Back up a folder; returns the reference for the manifest (with files/bytes counts)."""
+
+    @abc.abstractmethod
+    def store_stream(self, name: str, pieces: Iterable[bytes], progress: Progress) -> dict:
+        """Back up a byte stream; returns its reference (with size and sha256)."""
+
+    @abc.abstractmethod
+    def commit(self, doc: dict[str, Any]) -> Manifest:
+        """Write the manifest, last and put-if-absent. The snapshot exists from here on."""
+
+    @abc.abstractmethod
+    def abort(self) -> None:
+        """Give up: release locks; what was uploaded stays for the next run to reuse."""
+
+
+class Repository(abc.ABC):
+    url: str
+
+    @abc.abstractmethod
+    def snapshots(self) -> list[Manifest]:
+        """Every snapshot, oldest first."""
+
+    def find(self, ref: str) -> Manifest:
+        """A snapshot by id, unique id prefix, or `latest`."""
+        snaps = self.snapshots()
+        if ref == "latest":
+            if not snaps:
+                raise ConfigError("snapshot latest: the repository has no snapshots")
+            return snaps[-1]
+        matches = [s for s in snaps if s.id.startswith(ref)] if ref else []
+        if not matches:
+            raise ConfigError(f"snapshot {ref}: no such snapshot")
+        if len(matches) > 1:
+            raise ConfigError(f"snapshot {ref}: prefix is ambiguous ({len(matches)} snapshots match)")
+        return matches[0]
+
+    @abc.abstractmethod
+    def begin_backup(self, command: str = "backup") -> BackupSession: ...
+
+    @abc.abstractmethod
+    def restore_tree(self, ref: dict, dest: Path, progress: Progress) -> RestoreStats:
+        """Write a stored folder into `dest` (which exists and is empty), checking every byte."""
+
+    @abc.abstractmethod
+    def read_stream(self, ref: dict) -> Iterator[bytes]:
+        """The bytes of a stored stream, each piece checked before it is yielded."""
+
+    @abc.abstractmethod
+    def check(self, snapshots: list[Manifest], read_fraction: float, progress: Progress) -> list[Finding]:
+        """Repository integrity for these snapshots; read and hash `read_fraction` of the data."""
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,703 @@
+"""drtool's native repository format on any ObjectStore.
+
+    config.json          format and version; a format this code does not know is refused
+    data/ab/<sha256>     packs of blobs (repo/pack.py); blob id = SHA-256 of its uncompressed bytes
+    index/<sha256>       where each blob lives (repo/index.py)
+    snapshots/<sha256>   manifests (JSON; the key is the SHA-256 of the bytes), written last
+    locks/<random>       repository locks (repo/locks.py)
+
+A folder is stored as one tree blob per directory (sorted entries; files list their content
+blobs), so an unchanged directory is one already-known id and a file whose path, size and
+mtime match the parent snapshot's is referenced without being read.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import random
+import threading
+import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from drtool import __version__
+from drtool.errors import IntegrityError, ObjectNotFound, RepositoryError, SourceError
+from drtool.progress import Progress
+from drtool.repo import chunker, pack
+from drtool.repo.base import (FORMAT_VERSION, BackupSession, BackupStats, Finding, Manifest,
+                              Repository, RestoreStats, TreeSpec)
+from drtool.repo.index import BlobIndex, Location, decode_index, encode_index
+from drtool.repo.locks import RepositoryLock
+from drtool.repo.objectstore import ObjectStore
+
+log = logging.getLogger(__name__)
+
+FORMAT_NAME = "drtool-native"
+PACK_SIZE = 16 << 20      # raw bytes per pack before it is sealed
+INDEX_EVERY = 16          # packs per intermediate index object (what a killed backup can reuse)
+READERS = 4               # file-reading threads (I/O and hashing release the GIL)
+UPLOADERS = 3             # pack compress+upload threads
+PACKS_IN_FLIGHT = 4       # sealed packs waiting for upload: bounds memory
+RESTORE_PACKS_AHEAD = 6   # packs fetched ahead of the restore writer: bounds memory
+
+
+def _canonical(doc: Any) -> bytes:
+    return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _safe_name(name: str, where: str) -> str:
+    """A tree entry name must be one path component: a tampered tree cannot escape the target."""
+    if not name or name in (".", "..") or "/" in name or "\0" in name:
+        raise IntegrityError(f"{where}: unsafe entry name {name!r} in tree")
+    return name
+
+
+class NativeRepository(Repository):
+    def __init__(self, store: ObjectStore, compression_level: int = 3):
+        self.store = store
+        self.url = store.url
+        self.level = compression_level
+        self.config = self._read_config()
+        self.index = BlobIndex()
+        self._load_index()
+        self._body_cache: collections.OrderedDict[str, bytes] = collections.OrderedDict()
+        self._cache_lock = threading.Lock()
+
+    # ---- format -------------------------------------------------------------------------
+    @classmethod
+    def init(cls, store: ObjectStore) -> bool:
+        """Create the repository; True if created, False if one of this format was there."""
+        doc = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "id": uuid.uuid4().hex,
+               "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+               "hash": "sha256", "compression": "zstd", "pack_size": PACK_SIZE,
+               "chunker": {"algorithm": "fastcdc", "min": chunker.MIN_SIZE, "avg": chunker.AVG_SIZE,
+                           "max": chunker.MAX_SIZE}}
+        if store.put_if_absent("config.json", json.dumps(doc, indent=1).encode()):
+            return True
+        cls(store)  # validates the existing one
+        return False
+
+    def _read_config(self) -> dict:
+        try:
+            raw = self.store.get("config.json")
+        except ObjectNotFound:
+            raise RepositoryError(f"{self.url}: no drtool repository here (config.json missing; "
+                                  "`drtool backup` creates one, or check [repository] url)") from None
+        try:
+            doc = json.loads(raw)
+        except ValueError:
+            raise RepositoryError(f"{self.url}/config.json: not valid JSON") from None
+        if doc.get("format") != FORMAT_NAME:
+            raise RepositoryError(f"{self.url}/config.json: not a drtool native repository "
+                                  f"(format {doc.get('format')!r})")
+        if doc.get("version") != FORMAT_VERSION:
+            raise RepositoryError(f"{self.url}/config.json: repository format version {doc.get('version')} "
+                                  f"is not supported by drtool {__version__} (it knows version {FORMAT_VERSION})")
+        return doc
+
+    def _load_index(self) -> None:
+        for info in self.store.list("index/"):
+            try:
+                for pack_key, size, entries in decode_index(self.store.get(info.key)):
+                    self.index.add_pack(pack_key, size, entries)
+            except ObjectNotFound:  # removed by a concurrent prune: its packs are in a newer index
+                continue
+            except Exception as exc:
+                log.warning("index object %s is unreadable (%s): ignored", info.key, exc)
+
+    def recover_unindexed_packs(self) -> int:
+        """Index packs a killed backup uploaded but never listed, so the next run reuses them."""
+        recovered = []
+        for info in self.store.list("data/"):
+            if self.index.has_pack(info.key):
+                continue
+            try:
+                tail = self.store.get_range(info.key, max(0, info.size - 1_048_576), 1_048_576)
+                entries = pack.read_header(tail, info.key)
+            except Exception as exc:
+                log.warning("pack %s is not indexed and its header is unreadable (%s): left for prune", info.key, exc)
+                continue
+            self.index.add_pack(info.key, info.size, entries)
+            recovered.append((info.key, info.size, entries))
+        if recovered:
+            key, obj = encode_index(recovered)
+            self.store.put(key, obj)
+            log.info("re-indexed %d packs left by an interrupted backup", len(recovered))
+        return len(recovered)
+
+    # ---- snapshots ----------------------------------------------------------------------
+    def snapshots(self) -> list[Manifest]:
+        out = []
+        for info in self.store.list("snapshots/"):
+            snap_id = info.key.rsplit("/", 1)[1]
+            try:
+                raw = self.store.get(info.key)
+            except ObjectNotFound:
+                continue  # forgotten by a concurrent prune
+            if _sha(raw) != snap_id:
+                log.error("snapshot %s: manifest does not match its id (tampered or damaged): ignored", snap_id)
+                continue
+            out.append(Manifest(snap_id, json.loads(raw)))
+        out.sort(key=lambda m: (m.doc["time"], m.id))
+        return out
+
+    def begin_backup(self, command: str = "backup") -> "NativeBackup":
+        lock = RepositoryLock(self.store, command, exclusive=False).acquire()
+        try:
+            self.recover_unindexed_packs()
+        except Exception:
+            lock.release()
+            raise
+        return NativeBackup(self, lock)
+
+    # ---- blobs --------------------------------------------------------------------------
+    def _pack_body(self, pack_key: str) -> bytes:
+        with self._cache_lock:
+            if pack_key in self._body_cache:
+                self._body_cache.move_to_end(pack_key)
+                return self._body_cache[pack_key]
+        body = pack.decode_body(self.store.get(pack_key), pack_key)
+        with self._cache_lock:
+            self._body_cache[pack_key] = body
+            while len(self._body_cache) > 4:
+                self._body_cache.popitem(last=False)
+        return body
+
+    def locate(self, blob_id: str, where: str) -> Location:
+        loc = self.index.get(blob_id)
+        if loc is None:
+            raise IntegrityError(f"{where}: blob {blob_id[:16]} is not in any pack")
+        return loc
+
+    def read_blob(self, blob_id: str, where: str, body: bytes | None = None) -> bytes:
+        loc = self.locate(blob_id, where)
+        if body is None:
+            body = self._pack_body(loc.pack)
+        data = body[loc.offset:loc.offset + loc.length]
+        if len(data) != loc.length or _sha(data) != blob_id:
+            raise IntegrityError(f"{where}: blob {blob_id[:16]} in pack {loc.pack} does not match its hash")
+        return data
+
+    def load_tree(self, tree_id: str, where: str) -> list[dict]:
+        return json.loads(self.read_blob(tree_id, where))["entries"]
+
+    # ---- restore ------------------------------------------------------------------------
+    def _walk(self, tree_id: str, rel: str) -> Iterator[tuple[str, str, dict]]:
+        """(op, relpath, entry) in tree order: 'dir' before its content, 'enddir' after."""
+        for entry in self.load_tree(tree_id, f"tree {rel or '/'}"):
+            path = f"{rel}/{_safe_name(entry['name'], rel or '/')}" if rel else _safe_name(entry["name"], "/")
+            if entry["type"] == "dir":
+                yield "dir", path, entry
+                yield from self._walk(entry["subtree"], path)
+                yield "enddir", path, entry
+            else:
+                yield entry["type"], path, entry
+
+    def restore_tree(self, ref: dict, dest: Path, progress: Progress) -> RestoreStats:
+        stats = RestoreStats()
+        fetcher = _PackFetcher(self)
+        ops = self._walk(ref["tree"], "")
+        window: collections.deque = collections.deque()
+        dest_fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            while True:
+                # Keep the fetcher busy: look ahead until enough packs are on their way.
+                while fetcher.pending() < RESTORE_PACKS_AHEAD or not window:
+                    op = next(ops, None)
+                    if op is None:
+                        break
+                    if op[0] == "file":
+                        op[2]["_locs"] = [self.locate(b, op[1]) for b in op[2]["content"]]
+                        for loc in op[2]["_locs"]:
+                            fetcher.want(loc.pack)
+                    window.append(op)
+                if not window:
+                    break
+                kind, path, entry = window.popleft()
+                target = dest / path
+                if kind == "dir":
+                    os.mkdir(target, 0o700)
+                    stats.dirs += 1
+                elif kind == "enddir":
+                    os.chmod(target, entry["mode"])
+                    os.utime(target, ns=(entry["mtime_ns"], entry["mtime_ns"]))
+                elif kind == "symlink":
+                    os.symlink(entry["target"], target)
+                elif kind == "file":
+                    self._restore_file(target, path, entry, fetcher)
+                    stats.files += 1
+                    stats.bytes_written += entry["size"]
+                    progress.advance(files=1, nbytes=entry["size"])
+                else:
+                    raise IntegrityError(f"{path}: unknown entry type {kind!r} in tree")
+        finally:
+            os.close(dest_fd)
+            fetcher.close()
+        return stats
+
+    def _restore_file(self, target: Path, path: str, entry: dict, fetcher: "_PackFetcher") -> None:
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            whole = hashlib.sha256() if "sha256" in entry else None
+            written = 0
+            for blob_id, loc in zip(entry["content"], entry["_locs"]):
+                data = self.read_blob(blob_id, path, fetcher.body(loc.pack))
+                fetcher.release(loc.pack)
+                if whole:
+                    whole.update(data)
+                view = memoryview(data)
+                while view:
+                    n = os.write(fd, view)
+                    view = view[n:]
+                written += len(data)
+            if written != entry["size"] or (whole and whole.hexdigest() != entry["sha256"]):
+                raise IntegrityError(f"{path}: restored content does not match the recorded size or SHA-256")
+            os.fchmod(fd, entry["mode"])
+            os.utime(fd, ns=(entry["mtime_ns"], entry["mtime_ns"]))
+        finally:
+            os.close(fd)
+
+    def read_stream(self, ref: dict) -> Iterator[bytes]:
+        where = f"stream {ref.get('name', '')}".strip()
+        chunks = json.loads(self.read_blob(ref["stream"], where))["chunks"]
+        fetcher = _PackFetcher(self)
+        try:
+            locs = [self.locate(b, where) for b in chunks]
+            ahead = 0
+            whole = hashlib.sha256()
+            size = 0
+            for i, (blob_id, loc) in enumerate(zip(chunks, locs)):
+                while ahead < len(locs) and (ahead <= i or fetcher.pending() < RESTORE_PACKS_AHEAD):
+                    fetcher.want(locs[ahead].pack)
+                    ahead += 1
+                data = self.read_blob(blob_id, where, fetcher.body(loc.pack))
+                fetcher.release(loc.pack)
+                whole.update(data)
+                size += len(data)
+                yield data
+            if size != ref["size"] or whole.hexdigest() != ref["sha256"]:
+                raise IntegrityError(f"{where}: restored stream does not match the recorded size or SHA-256")
+        finally:
+            fetcher.close()
+
+    # ---- verify -------------------------------------------------------------------------
+    def _refs_of(self, snap: Manifest) -> Iterator[tuple[str, str, str | None]]:
+        """(source/store, ref kind, tree-or-stream id) for every stored item of a snapshot."""
+        for source, value in snap.sources.items():
+            for name, ref in _refs(source, value):
+                if "tree" in ref:
+                    yield name, "tree", ref["tree"]
+                elif "stream" in ref:
+                    yield name, "stream", ref["stream"]
+
+    def _walk_blobs(self, snap: Manifest, findings: list[Finding]) -> Iterator[tuple[str, str]]:
+        """(blob id, where) for every blob a snapshot references; unreadable trees become findings."""
+        short = snap.id[:8]
+        for name, kind, root in self._refs_of(snap):
+            stack = [(root, "")]
+            while stack:
+                blob_id, rel = stack.pop()
+                where = f"snapshot {short} {name}" + (f" {rel}" if rel else "")
+                yield blob_id, where
+                try:
+                    doc = json.loads(self.read_blob(blob_id, where))
+                except (IntegrityError, ObjectNotFound, RepositoryError, ValueError) as exc:
+                    findings.append(Finding(where, f"cannot read its {'tree' if kind == 'tree' else 'chunk list'}: {exc}"))
+                    continue
+                if kind == "stream":
+                    for chunk_id in doc["chunks"]:
+                        yield chunk_id, where
+                    continue
+                for entry in doc["entries"]:
+                    path = f"{rel}/{entry['name']}" if rel else entry["name"]
+                    if entry["type"] == "dir":
+                        stack.append((entry["subtree"], path))
+                    elif entry["type"] == "file":
+                        for chunk_id in entry["content"]:
+                            yield chunk_id, f"snapshot {short} {name} {path}"
+
+    def check(self, snapshots: list[Manifest], read_fraction: float, progress: Progress) -> list[Finding]:
+        findings: list[Finding] = []
+        listing = {info.key: info.size for info in self.store.list("data/")}
+        referenced: set[str] = set()
+        for snap in snapshots:
+            for blob_id, where in self._walk_blobs(snap, findings):
+                if blob_id in referenced:
+                    continue
+                referenced.add(blob_id)
+                if self.index.get(blob_id) is None:
+                    findings.append(Finding(where, f"blob {blob_id[:16]} is not in any pack"))
+        packs: dict[str, list[str]] = collections.defaultdict(list)
+        for blob_id in referenced:
+            loc = self.index.get(blob_id)
+            if loc:
+                packs[loc.pack].append(blob_id)
+        bad_blobs: dict[str, str] = {}
+        for key, blob_ids in sorted(packs.items()):
+            size = listing.get(key)
+            if size is None:
+                findings.append(Finding(key, f"pack missing ({len(blob_ids)} blobs referenced)"))
+                bad_blobs.update(dict.fromkeys(blob_ids, f"pack {key} missing"))
+            elif size != self.index.pack_sizes.get(key):
+                findings.append(Finding(key, f"pack size {size} differs from the recorded "
+                                             f"{self.index.pack_sizes.get(key)} (truncated or replaced)"))
+                bad_blobs.update(dict.fromkeys(blob_ids, f"pack {key} has the wrong size"))
+        if read_fraction > 0:
+            to_read = [k for k in sorted(packs) if k in listing and k not in
+                       {f.subject for f in findings}]
+            if read_fraction < 1:
+                rng = random.Random()
+                to_read = [k for k in to_read if rng.random() < read_fraction] or to_read[:1]
+            with ThreadPoolExecutor(UPLOADERS) as pool:
+                for key, problem, bad in pool.map(lambda k: self._check_pack(k, packs[k]), to_read):
+                    progress.advance(files=1, nbytes=listing[key])
+                    if problem:
+                        findings.append(Finding(key, problem))
+                        bad_blobs.update(dict.fromkeys(bad, f"pack {key}: {problem}"))
+        if bad_blobs:
+            seen: set[tuple[str, str]] = set()
+            for snap in snapshots:
+                for blob_id, where in self._walk_blobs(snap, []):
+                    if blob_id in bad_blobs and (where, blob_id) not in seen:
+                        seen.add((where, blob_id))
+                        findings.append(Finding(where, f"affected: {bad_blobs[blob_id]}"))
+        return findings
+
+    def _check_pack(self, key: str, blob_ids: list[str]) -> tuple[str, str | None, list[str]]:
+        try:
+            obj = self.store.get(key)
+        except ObjectNotFound:
+            return key, "pack missing", blob_ids
+        if _sha(obj) != key.rsplit("/", 1)[1]:
+            return key, "content does not match its hash (damaged)", blob_ids
+        try:
+            body = pack.decode_body(obj, key)
+        except IntegrityError as exc:
+            return key, str(exc), blob_ids
+        bad = []
+        for blob_id in blob_ids:
+            try:
+                self.read_blob(blob_id, key, body)
+            except IntegrityError:
+                bad.append(blob_id)
+        return key, (f"{len(bad)} blobs do not match their hashes" if bad else None), bad
+
+
+def _refs(source: str, value: dict) -> Iterator[tuple[str, dict]]:
+    """Stored items of one manifest source: blob stores and files hold several, streams one."""
+    if "tree" in value or "stream" in value:
+        yield source, value
+        return
+    for name, ref in value.get("items", {}).items():
+        if isinstance(ref, dict) and ("tree" in ref or "stream" in ref):
+            yield f"{source}/{name}", ref
+
+
+class _PackFetcher:
+    """Fetches and decompresses packs ahead of the restore writer, with reference counts
+    so a pack's bytes are dropped as soon as its last blob is written."""
+
+    def __init__(self, repo: NativeRepository):
+        self.repo = repo
+        self.pool = ThreadPoolExecutor(UPLOADERS)
+        self.futures: dict[str, Future] = {}
+        self.refs: collections.Counter = collections.Counter()
+
+    def want(self, pack_key: str) -> None:
+        self.refs[pack_key] += 1
+        if pack_key not in self.futures:
+            self.futures[pack_key] = self.pool.submit(
+                lambda k: pack.decode_body(self.repo.store.get(k), k), pack_key)
+
+    def pending(self) -> int:
+        return len(self.futures)
+
+    def body(self, pack_key: str) -> bytes:
+        return self.futures[pack_key].result()
+
+    def release(self, pack_key: str) -> None:
+        self.refs[pack_key] -= 1
+        if self.refs[pack_key] <= 0:
+            del self.refs[pack_key]
+            self.futures.pop(pack_key, None)
+
+    def close(self) -> None:
+        for fut in self.futures.values():
+            fut.cancel()
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.futures.clear()
+
+
+class _Packer:
+    """Collects blobs into packs and uploads them from a small thread pool, with backpressure."""
+
+    def __init__(self, repo: NativeRepository, stats: BackupStats):
+        self.repo = repo
+        self.stats = stats
+        self.buffers: dict[str, list] = {pack.DATA: [], pack.TREE: []}
+        self.sizes = {pack.DATA: 0, pack.TREE: 0}
+        self.pending: set[str] = set()
+        self.lock = threading.Lock()
+        self.pool = ThreadPoolExecutor(UPLOADERS, thread_name_prefix="drtool-upload")
+        self.slots = threading.BoundedSemaphore(PACKS_IN_FLIGHT)
+        self.futures: list[Future] = []
+        self.unindexed: list[tuple[str, int, list]] = []
+        self.index_keys: list[str] = []
+        self.dry_run = False  # backup --dry-run: compress to measure, upload nothing
+
+    def add(self, kind: str, blob_id: str, data: bytes) -> bool:
+        """Queue a blob unless the repository or this backup already has it. True if new."""
+        with self.lock:
+            if blob_id in self.pending or blob_id in self.repo.index:
+                return False
+            self.pending.add(blob_id)
+            self.buffers[kind].append((kind, blob_id, data))
+            self.sizes[kind] += len(data)
+            sealed = None
+            if self.sizes[kind] >= PACK_SIZE:
+                sealed, self.buffers[kind], self.sizes[kind] = self.buffers[kind], [], 0
+        if sealed:
+            self._submit(sealed)
+        return True
+
+    def _submit(self, blobs: list) -> None:
+        self._raise_failed()
+        self.slots.acquire()
+        try:
+            self.futures.append(self.pool.submit(self._upload, blobs))
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def _raise_failed(self) -> None:
+        for fut in [f for f in self.futures if f.done()]:
+            fut.result()  # re-raises an upload error in the backup's thread
+            self.futures.remove(fut)
+
+    def _upload(self, blobs: list) -> None:
+        try:
+            obj, entries = pack.encode(blobs, self.repo.level)
+            if self.dry_run:
+                with self.lock:
+                    self.stats.bytes_stored += len(obj)
+                return
+            key = pack.pack_key(obj)
+            self.repo.store.put(key, obj)  # content-addressed: a repeated put is harmless
+            self.repo.index.add_pack(key, len(obj), entries)
+            with self.lock:
+                self.stats.bytes_stored += len(obj)
+                self.unindexed.append((key, len(obj), entries))
+                batch = self.unindexed if len(self.unindexed) >= INDEX_EVERY else None
+                if batch:
+                    self.unindexed = []
+            if batch:
+                self._write_index(batch)
+        finally:
+            self.slots.release()
+
+    def _write_index(self, batch: list) -> None:
+        key, obj = encode_index(batch)
+        self.repo.store.put(key, obj)
+        with self.lock:
+            self.index_keys.append(key)
+            self.stats.bytes_stored += len(obj)
+
+    def flush(self) -> None:
+        """Seal and upload what is buffered, wait for every upload, write the last index."""
+        for kind in (pack.DATA, pack.TREE):
+            with self.lock:
+                sealed, self.buffers[kind], self.sizes[kind] = self.buffers[kind], [], 0
+            if sealed:
+                self._submit(sealed)
+        for fut in self.futures:
+            fut.result()
+        self.futures.clear()
+        with self.lock:
+            batch, self.unindexed = self.unindexed, []
+        if batch:
+            self._write_index(batch)
+
+    def close(self, index_what_finished: bool) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        if index_what_finished and self.unindexed:
+            try:
+                self._write_index(self.unindexed)
+            except Exception:  # the next backup re-indexes from the pack headers
+                pass
+
+
+class NativeBackup(BackupSession):
+    def __init__(self, repo: NativeRepository, lock: RepositoryLock):
+        self.repo = repo
+        self.lock = lock
+        self.stats = BackupStats()
+        self.packer = _Packer(repo, self.stats)
+        self.readers = ThreadPoolExecutor(READERS, thread_name_prefix="drtool-read")
+        self._stats_lock = threading.Lock()
+
+    # ---- folders ------------------------------------------------------------------------
+    def store_tree(self, spec: TreeSpec, parent_ref: dict | None, progress: Progress) -> dict:
+        if not spec.root.is_dir():
+            raise SourceError(f"blob store {spec.name}: {spec.root}: not a directory")
+        counts = {"files": 0, "bytes": 0, "dirs": 0}
+        parent_root = (parent_ref or {}).get("tree")
+        if parent_root and parent_root not in self.repo.index:
+            parent_root = None
+        root_id = self._store_dir(spec, str(spec.root), "", parent_root, progress, counts)
+        return {"tree": root_id, **counts}
+
+    def _store_dir(self, spec: TreeSpec, path: str, rel: str, parent_id: str | None,
+                   progress: Progress, counts: dict) -> str | None:
+        try:
+            with os.scandir(path) as it:
+                dir_entries = sorted(it, key=lambda e: e.name)
+        except FileNotFoundError:
+            if not rel:
+                raise SourceError(f"blob store {spec.name}: {path}: no such directory") from None
+            return None  # removed while we walked: gone, like a deleted file
+        parent = {}
+        if parent_id:
+            try:
+                parent = {e["name"]: e for e in self.repo.load_tree(parent_id, f"parent tree {spec.name}/{rel}")}
+            except (IntegrityError, RepositoryError) as exc:
+                log.warning("%s; reading %s/%s again in full", exc, spec.name, rel)
+        items: list[Any] = []
+        for de in dir_entries:
+            relpath = f"{rel}/{de.name}" if rel else de.name
+            try:
+                if de.is_symlink():
+                    # Never followed: recorded as a link, so nothing outside the store is read.
+                    if not spec.exclude(relpath, False):
+                        items.append({"name": de.name, "type": "symlink", "target": os.readlink(de.path)})
+                elif de.is_dir(follow_symlinks=False):
+                    if spec.exclude(relpath, True):
+                        continue
+                    st = de.stat(follow_symlinks=False)
+                    pe = parent.get(de.name)
+                    sub = self._store_dir(spec, de.path, relpath, pe["subtree"] if pe and pe["type"] == "dir" else None,
+                                          progress, counts)
+                    if sub is not None:
+                        counts["dirs"] += 1
+                        items.append({"name": de.name, "type": "dir", "mode": st.st_mode & 0o7777,
+                                      "mtime_ns": st.st_mtime_ns, "subtree": sub})
+                elif de.is_file(follow_symlinks=False):
+                    if spec.exclude(relpath, False):
+                        continue
+                    st = de.stat(follow_symlinks=False)
+                    pe = parent.get(de.name)
+                    if (pe and pe["type"] == "file" and pe["size"] == st.st_size and pe["mtime_ns"] == st.st_mtime_ns
+                            and all(c in self.repo.index for c in pe["content"])):
+                        items.append({**pe, "mode": st.st_mode & 0o7777})
+                        with self._stats_lock:
+                            self.stats.files_unchanged += 1
+                        progress.advance(files=1, nbytes=st.st_size)
+                    else:
+                        items.append(self.readers.submit(self._store_file, de.path, de.name, progress))
+            except FileNotFoundError:
+                with self._stats_lock:
+                    self.stats.files_vanished += 1
+        entries = []
+        for item in items:
+            entry = item.result() if isinstance(item, Future) else item
+            if entry is None:
+                continue
+            if entry["type"] == "file":
+                counts["files"] += 1
+                counts["bytes"] += entry["size"]
+            entries.append(entry)
+        data = _canonical({"entries": entries})
+        tree_id = _sha(data)
+        self.packer.add(pack.TREE, tree_id, data)
+        return tree_id
+
+    def _store_file(self, path: str, name: str, progress: Progress) -> dict | None:
+        for _attempt in range(3):
+            try:
+                with open(path, "rb", buffering=0) as f:
+                    before = os.fstat(f.fileno())
+                    content, size, whole = self._store_content(f, before.st_size)
+                    after = os.fstat(f.fileno())
+            except FileNotFoundError:
+                with self._stats_lock:
+                    self.stats.files_vanished += 1
+                return None
+            if (before.st_size, before.st_mtime_ns) == (after.st_size, after.st_mtime_ns) == (size, after.st_mtime_ns):
+                break
+            log.warning("%s changed while being read; reading it again", path)
+        else:
+            raise SourceError(f"{path}: changed while being read, 3 times; not stored as a mixed file")
+        with self._stats_lock:
+            self.stats.files_new += 1
+            self.stats.bytes_read += size
+        progress.advance(files=1, nbytes=size)
+        entry = {"name": name, "type": "file", "size": size, "mtime_ns": after.st_mtime_ns,
+                 "mode": after.st_mode & 0o7777, "content": content}
+        if whole:
+            entry["sha256"] = whole
+        return entry
+
+    def _store_content(self, f, size_hint: int) -> tuple[list[str], int, str | None]:
+        """Blob ids of a file's content; the whole-file SHA-256 too when it has several blobs."""
+        if size_hint < chunker.SINGLE_BLOB_LIMIT:
+            data = f.read()
+            blob_id = _sha(data)
+            self.packer.add(pack.DATA, blob_id, data)
+            return [blob_id], len(data), None
+        whole = hashlib.sha256()
+        content, size = [], 0
+        for chunk in chunker.split(chunker.read_pieces(f)):
+            blob_id = _sha(chunk)
+            whole.update(chunk)
+            self.packer.add(pack.DATA, blob_id, chunk)
+            content.append(blob_id)
+            size += len(chunk)
+        if len(content) == 1:
+            return content, size, None
+        return content, size, whole.hexdigest()
+
+    # ---- streams ------------------------------------------------------------------------
+    def store_stream(self, name: str, pieces: Iterable[bytes], progress: Progress) -> dict:
+        whole = hashlib.sha256()
+        content, size = [], 0
+        for chunk in chunker.split(pieces):
+            blob_id = _sha(chunk)
+            whole.update(chunk)
+            self.packer.add(pack.DATA, blob_id, chunk)
+            content.append(blob_id)
+            size += len(chunk)
+            progress.advance(nbytes=len(chunk))
+        with self._stats_lock:
+            self.stats.bytes_read += size
+        data = _canonical({"chunks": content})
+        list_id = _sha(data)
+        self.packer.add(pack.TREE, list_id, data)
+        return {"stream": list_id, "name": name, "size": size, "sha256": whole.hexdigest()}
+
+    # ---- end ----------------------------------------------------------------------------
+    def commit(self, doc: dict[str, Any]) -> Manifest:
+        try:
+            self.readers.shutdown(wait=True)
+            self.packer.flush()
+            raw = json.dumps(doc, sort_keys=True, indent=1).encode()
+            snap_id = _sha(raw)
+            self.repo.store.put_if_absent(f"snapshots/{snap_id}", raw)
+            self.stats.bytes_stored += len(raw)
+            return Manifest(snap_id, doc)
+        finally:
+            self.packer.close(index_what_finished=False)
+            self.lock.release()
+
+    def abort(self) -> None:
+        self.readers.shutdown(wait=True, cancel_futures=True)
+        self.packer.close(index_what_finished=True)
+        self.lock.release()

@@ -1,0 +1,173 @@
+"""Rebuild a node's data from a snapshot: staging -> check -> publish.
+
+Every source is restored into staging space next to its target first (so publishing is a
+rename on the same filesystem); every byte is checked against its recorded SHA-256 while it
+is written, Teranode's own hashes after. Only when all of it passes is anything moved into
+place, and nothing that was there is deleted: a non-empty target (allowed with --force) is
+moved aside to `<target>.drtool-previous-<time>`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import secrets as pysecrets
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from drtool.config import Config
+from drtool.errors import ConfigError, DrtoolError
+from drtool.repo.base import Finding, Manifest, Repository
+from drtool.sources import blobstore, files
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Placement:
+    """One restored item: where it is staged and where it is published."""
+
+    source: str
+    name: str
+    ref: dict
+    final: Path
+    staging: Path | None = None
+    kind: str = "tree"  # tree | file
+
+
+@dataclass
+class RestoreResult:
+    snapshot: Manifest
+    placements: list[Placement] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
+    moved_aside: list[str] = field(default_factory=list)
+    files: int = 0
+    bytes: int = 0
+    published: bool = False
+    next_steps: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.published and not [f for f in self.findings if f.severity == "error"]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"ok": self.ok, "snapshot": self.snapshot.id, "published": self.published,
+                "restored": [{"source": p.source, "name": p.name, "path": str(p.final)} for p in self.placements],
+                "moved_aside": self.moved_aside, "files": self.files, "bytes": self.bytes,
+                "findings": [f.as_dict() for f in self.findings], "next_steps": self.next_steps}
+
+
+def plan(cfg: Config | None, snap: Manifest, target_dir: Path | None, only: list[str] | None) -> list[Placement]:
+    out = []
+    wanted = set(only) if only else None
+    for source, src in snap.sources.items():
+        if wanted is not None and source not in wanted:
+            continue
+        if source == "blobstores":
+            for name, ref in src["items"].items():
+                configured = cfg.blobstores.get(name) if cfg else None
+                out.append(Placement(source, name, ref, blobstore.restore_target(name, ref["path"], target_dir, configured)))
+        elif source == "files":
+            for name, ref in src["items"].items():
+                out.append(Placement(source, name, ref, files.restore_target(name, ref, target_dir), kind="file"))
+    if wanted:
+        missing = wanted - set(snap.sources)
+        if missing:
+            raise ConfigError(f"--only: snapshot {snap.id[:8]} holds no {', '.join(sorted(missing))}")
+    return out
+
+
+def _preflight(placements: list[Placement], force: bool) -> None:
+    """Refuse before anything is written: a target that is a file, or one that is not empty."""
+    for p in placements:
+        final = p.final
+        if p.kind == "tree":
+            if final.exists() and not final.is_dir():
+                raise ConfigError(f"restore target {final}: exists and is not a directory")
+            if final.is_dir() and any(final.iterdir()) and not force:
+                raise ConfigError(f"restore target {final}: not empty (use --force: what is there is "
+                                  "moved aside, not deleted)")
+        else:
+            if final.is_dir():
+                raise ConfigError(f"restore target {final}: is a directory, expected a file")
+            if final.exists() and not force:
+                raise ConfigError(f"restore target {final}: exists (use --force: it is moved aside, not deleted)")
+        for parent in final.parents:
+            if parent.exists():
+                if not parent.is_dir():
+                    raise ConfigError(f"restore target {final}: {parent} is a file")
+                break
+
+
+def restore(cfg: Config | None, repo: Repository, snap: Manifest, *, target_dir: Path | None = None,
+            only: list[str] | None = None, force: bool = False, check_teranode: bool = True) -> RestoreResult:
+    placements = plan(cfg, snap, target_dir, only)
+    if not placements:
+        raise ConfigError(f"snapshot {snap.id[:8]}: nothing to restore" + (f" for --only {','.join(only)}" if only else ""))
+    if target_dir is not None and target_dir.exists() and not target_dir.is_dir():
+        raise ConfigError(f"--target-dir {target_dir}: exists and is not a directory")
+    _preflight(placements, force)
+    result = RestoreResult(snap, placements)
+    tag = f"{snap.id[:8]}-{pysecrets.token_hex(3)}"
+    try:
+        for p in placements:
+            p.final.parent.mkdir(parents=True, exist_ok=True)
+            p.staging = p.final.parent / f".{p.final.name}.drtool-staging-{tag}"
+            if p.kind == "tree":
+                p.staging.mkdir(mode=0o700)
+                stats = blobstore.restore_into(repo, p.ref, p.staging, f"{p.source}/{p.name}")
+                result.files += stats.files
+                result.bytes += stats.bytes_written
+            else:
+                result.bytes += files.restore_file(repo, p.ref, p.staging)
+                result.files += 1
+        if check_teranode:
+            result.findings.extend(_teranode_checks(placements))
+        errors = [f for f in result.findings if f.severity == "error"]
+        if errors:
+            raise DrtoolError(f"restore checks failed ({len(errors)} findings; first: {errors[0]}); nothing published")
+        _publish(placements, result)
+    except BaseException:
+        for p in placements:
+            if p.staging is not None and (p.staging.exists() or p.staging.is_symlink()):
+                if p.staging.is_dir() and not p.staging.is_symlink():
+                    shutil.rmtree(p.staging, ignore_errors=True)
+                else:
+                    p.staging.unlink(missing_ok=True)
+        raise
+    return result
+
+
+def _teranode_checks(placements: list[Placement]) -> list[Finding]:
+    from drtool.teranode import checks
+
+    findings = []
+    for p in placements:
+        if p.kind != "tree":
+            continue
+        report = checks.check_tree(p.staging).run()
+        log.info("%s/%s: Teranode checks on %d files (%d of types without a check)",
+                 p.source, p.name, report.checked, report.unchecked)
+        for f in report.findings:
+            rel = os.path.relpath(f.path, p.staging) if os.path.isabs(f.path) else f.path
+            findings.append(Finding(f"{p.source}/{p.name} {rel}", f.problem, getattr(f, "severity", "error")))
+    return findings
+
+
+def _publish(placements: list[Placement], result: RestoreResult) -> None:
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    for p in placements:
+        final = p.final
+        if final.is_dir() and not final.is_symlink() and not any(final.iterdir()):
+            final.rmdir()
+        elif final.exists() or final.is_symlink():
+            aside = final.with_name(f"{final.name}.drtool-previous-{stamp}")
+            os.rename(final, aside)
+            result.moved_aside.append(str(aside))
+            log.warning("%s was not empty: moved aside to %s", final, aside)
+        os.rename(p.staging, final)
+        p.staging = None
+    result.published = True
