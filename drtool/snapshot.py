@@ -132,7 +132,7 @@ def _backup_source(name: str, cfg: Config, session, parent_src: dict | None, doc
     if name == "blobstores":
         return blobstore.backup(session, cfg.blobstores, cfg.node.data_dir, parent_src)
     if name == "files":
-        return files.backup(session, cfg.files, cfg.node.data_dir)
+        return files.backup(session, cfg.files, cfg.node.data_dir, parent_src)
     if name == "postgres":
         from drtool.sources import postgres_backup
 

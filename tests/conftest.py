@@ -4,4 +4,5 @@ pytest_plugins = [
     "tests.support.s3",
     "tests.support.pg",
     "tests.support.sample",
+    "tests.support.node",
 ]
