@@ -222,6 +222,47 @@ def verify(state: State, snapshot_ref: str | None, all_snapshots: bool, read_dat
         sys.exit(1)
 
 
+# ---- prune -------------------------------------------------------------------------------
+def _load_policy(state: State, policy_path: Path | None):
+    from drtool.policy import load_policy
+
+    path = policy_path or state.config.policy_file
+    if path is None:
+        raise ConfigError(f"{state.config.path.name}: [policy] file: no policy configured "
+                          "(set it, or pass --policy policies/listener.toml)")
+    return load_policy(path)
+
+
+@cli.command()
+@click.option("--dry-run", is_flag=True, help="Show what would be kept and forgotten; change nothing.")
+@click.option("--break-lock", is_flag=True, help="Remove stale locks (owner gone or expired) first.")
+@click.option("--policy", "policy_path", type=click.Path(path_type=Path), help="Policy file (default: [policy] file).")
+@click.pass_obj
+def prune(state: State, dry_run: bool, break_lock: bool, policy_path: Path | None) -> None:
+    """Apply the retention policy, then delete what no snapshot needs."""
+    from drtool import prune as prune_mod
+
+    policy = _load_policy(state, policy_path)
+    repo = state.repository()
+    result = prune_mod.prune(repo, policy.retention, dry_run=dry_run, break_lock=break_lock,
+                             lock_wait=state.config.repository.lock_wait_seconds)
+
+    def human() -> None:
+        click.echo(f"policy: {result.policy}")
+        for d in result.decisions:
+            m = d.snapshot
+            click.echo(f"  {'keep  ' if d.keep else 'forget'}  {m.id[:8]}  {m.doc['time'][:19]}  "
+                       f"{m.node:<12} {','.join(m.tags):<16} {'; '.join(d.reasons)}")
+        verb = "would forget" if dry_run else "forgot"
+        click.echo(f"{verb} {len(result.forgotten)} of {len(result.decisions)} snapshots")
+        if result.garbage:
+            g = result.garbage
+            click.echo(f"garbage: {g.get('objects_deleted', 0)} objects deleted, {_human(g.get('bytes_freed', 0))} freed, "
+                       f"{g.get('packs_repacked', 0)} packs repacked")
+
+    state.emit(result.as_dict(), human)
+
+
 # ---- init --------------------------------------------------------------------------------
 @cli.command()
 @click.option("--from-teranode", "settings_path", type=click.Path(path_type=Path),

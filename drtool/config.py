@@ -44,6 +44,7 @@ SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
         "sse": (str, ""),
         "sse_kms_key_id": (str, ""),
         "restic_path": (str, "restic"),
+        "lock_wait": (str, "10m"),
     },
     "postgres": {
         "dsn": (str, REQUIRED),
@@ -93,6 +94,13 @@ class RepositoryConfig:
     sse: str
     sse_kms_key_id: str
     restic_path: str
+    lock_wait: str = "10m"
+
+    @property
+    def lock_wait_seconds(self) -> float:
+        from drtool.policy import parse_duration
+
+        return parse_duration(self.lock_wait).total_seconds()
 
 
 @dataclass
@@ -270,6 +278,10 @@ def parse(data: dict[str, Any], path: Path, env: dict[str, str] | None = None) -
         url = "file://" + str((base / url).resolve())
     if not 1 <= repo["compression_level"] <= 22:
         raise ConfigError(f"{name}: [repository] compression_level: expected 1..22, got {repo['compression_level']}")
+    try:
+        parse_duration(repo["lock_wait"])
+    except ValueError as exc:
+        raise ConfigError(f"{name}: [repository] lock_wait: {exc}") from None
     if repo["sse"] not in ("", "AES256", "aws:kms"):
         raise ConfigError(f"{name}: [repository] sse: expected \"AES256\" or \"aws:kms\", got {_show(repo['sse'])}")
     repo_cfg = RepositoryConfig(**{**repo, "url": url})

@@ -77,9 +77,9 @@ def find_parent(repo: Repository, node: str) -> Manifest | None:
 def quiesce(cfg: Config) -> contextlib.AbstractContextManager:
     if cfg.node.quiesce != "stop":
         return contextlib.nullcontext()
-    from drtool.node import node_control
+    from drtool.node import make_node_control
 
-    return node_control(cfg).quiesce()
+    return make_node_control(cfg.node).quiesce()
 
 
 def take(cfg: Config, repo: Repository, *, tags: list[str] = (), only: list[str] | None = None,
@@ -88,9 +88,9 @@ def take(cfg: Config, repo: Repository, *, tags: list[str] = (), only: list[str]
     started = time.monotonic()
     parent = find_parent(repo, cfg.node.name)
     if cfg.node.quiesce == "stop":
-        from drtool.node import node_control
+        from drtool.node import make_node_control
 
-        message = node_control(cfg).recover_leftover_quiesce()
+        message = make_node_control(cfg.node).recover_leftover_quiesce()
         if message:
             log.warning("%s", message)
     now = dt.datetime.now(dt.timezone.utc)
@@ -105,7 +105,7 @@ def take(cfg: Config, repo: Repository, *, tags: list[str] = (), only: list[str]
 
         if not isinstance(repo, NativeRepository):
             raise ConfigError("--dry-run: only the native repository engine supports a dry run")
-    session = repo.begin_backup("backup --dry-run" if dry_run else "backup")
+    session = repo.begin_backup("backup --dry-run" if dry_run else "backup", wait=cfg.repository.lock_wait_seconds)
     if dry_run:
         session.packer.dry_run = True  # type: ignore[attr-defined]
     try:

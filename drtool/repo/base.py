@@ -151,7 +151,8 @@ class Repository(abc.ABC):
         return matches[0]
 
     @abc.abstractmethod
-    def begin_backup(self, command: str = "backup") -> BackupSession: ...
+    def begin_backup(self, command: str = "backup", wait: float = 0.0) -> BackupSession:
+        """Start a backup under a shared lock, waiting up to `wait` seconds for an exclusive one."""
 
     @abc.abstractmethod
     def restore_tree(self, ref: dict, dest: Path, progress: Progress) -> RestoreStats:
@@ -164,6 +165,18 @@ class Repository(abc.ABC):
     @abc.abstractmethod
     def check(self, snapshots: list[Manifest], read_fraction: float, progress: Progress) -> list[Finding]:
         """Repository integrity for these snapshots; read and hash `read_fraction` of the data."""
+
+    @abc.abstractmethod
+    def lock(self, command: str, exclusive: bool, break_stale: bool = False, wait: float = 0.0):
+        """A repository lock (with .release()); waits up to `wait` seconds for others to finish."""
+
+    @abc.abstractmethod
+    def forget(self, manifests: list[Manifest]) -> None:
+        """Remove these snapshots' manifests (their data stays until collect_garbage)."""
+
+    @abc.abstractmethod
+    def collect_garbage(self, progress: Progress) -> dict[str, int]:
+        """Delete what no remaining snapshot references: {"objects_deleted", "bytes_freed", ...}."""
 
     def close(self) -> None:
         pass

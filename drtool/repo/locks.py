@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import secrets as pysecrets
 import socket
 import threading
@@ -83,15 +84,24 @@ class RepositoryLock:
                            "exclusive": self.exclusive, "time": self.started,
                            "expires": now + LOCK_TTL}).encode()
 
-    def acquire(self, break_stale: bool = False) -> "RepositoryLock":
-        self._check_others(break_stale)
-        self.store.put_if_absent(self.key, self._doc())
-        # Two runs may have checked at the same moment: look again now ours is visible.
-        try:
-            self._check_others(break_stale)
-        except LockError:
-            self.store.delete(self.key)
-            raise
+    def acquire(self, break_stale: bool = False, wait: float = 0.0) -> "RepositoryLock":
+        """Take the lock, waiting up to `wait` seconds for conflicting holders to finish."""
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                self._check_others(break_stale)
+                self.store.put_if_absent(self.key, self._doc())
+                try:
+                    # Two runs may have checked at the same moment: look again now ours is visible.
+                    self._check_others(break_stale)
+                except LockError:
+                    self.store.delete(self.key)
+                    raise
+                break
+            except LockError as exc:
+                if time.monotonic() >= deadline or "stale" in str(exc):
+                    raise
+                time.sleep(random.uniform(0.2, 2.0))  # jitter: two waiters do not collide forever
         self._thread = threading.Thread(target=self._refresh, name="drtool-lock", daemon=True)
         self._thread.start()
         return self

@@ -151,14 +151,100 @@ class NativeRepository(Repository):
         out.sort(key=lambda m: (m.doc["time"], m.id))
         return out
 
-    def begin_backup(self, command: str = "backup") -> "NativeBackup":
-        lock = RepositoryLock(self.store, command, exclusive=False).acquire()
+    def lock(self, command: str, exclusive: bool, break_stale: bool = False, wait: float = 0.0) -> RepositoryLock:
+        return RepositoryLock(self.store, command, exclusive=exclusive).acquire(break_stale=break_stale, wait=wait)
+
+    def begin_backup(self, command: str = "backup", wait: float = 600.0) -> "NativeBackup":
+        lock = self.lock(command, exclusive=False, wait=wait)
         try:
             self.recover_unindexed_packs()
         except Exception:
             lock.release()
             raise
         return NativeBackup(self, lock)
+
+    # ---- prune --------------------------------------------------------------------------
+    def forget(self, manifests: list[Manifest]) -> None:
+        for m in manifests:
+            self.store.delete(f"snapshots/{m.id}")
+
+    def collect_garbage(self, progress: Progress, orphan_grace: float = 3600.0,
+                        repack_unused_ratio: float = 0.5) -> dict[str, int]:
+        """Mark every blob the remaining snapshots reference, then sweep: packs with nothing
+        referenced are deleted, packs mostly unreferenced are repacked. Run under the exclusive
+        lock. Order keeps a crash harmless: new packs, then the new index, then deletions."""
+        import time as _time
+
+        findings: list[Finding] = []
+        referenced: set[str] = set()
+        for snap in self.snapshots():
+            for blob_id, _where in self._walk_blobs(snap, findings):
+                referenced.add(blob_id)
+        if findings:
+            raise RepositoryError(f"prune: a remaining snapshot cannot be read ({findings[0]}); "
+                                  "nothing was deleted (run `drtool verify`)")
+        listing = {info.key: info for info in self.store.list("data/")}
+        keep, delete, repack = [], [], []
+        for pack_key, blobs in self.index.blobs_of().items():
+            used = [b for b in blobs if b[0] in referenced]
+            unused_bytes = sum(b[2] for b in blobs if b[0] not in referenced)
+            total_bytes = sum(b[2] for b in blobs) or 1
+            if not used:
+                delete.append(pack_key)
+            elif unused_bytes / total_bytes > repack_unused_ratio:
+                repack.append((pack_key, used))
+            else:
+                keep.append((pack_key, blobs))
+        now = _time.time()
+        orphans = [k for k, info in listing.items() if not self.index.has_pack(k) and now - info.mtime > orphan_grace]
+        if not (delete or repack or orphans):
+            return {"packs_deleted": 0, "packs_repacked": 0, "orphans_deleted": 0, "objects_deleted": 0,
+                    "bytes_freed": 0, "bytes_uploaded": 0,
+                    "multipart_uploads_aborted": self._clean_interrupted_writes(orphan_grace)}
+        stats = BackupStats()
+        packer = _Packer(self, stats, dedupe_with_index=False)
+        try:
+            for pack_key, used in repack:
+                if pack_key not in listing:
+                    raise RepositoryError(f"prune: pack {pack_key} to repack is missing; nothing was deleted")
+                body = self._pack_body(pack_key)
+                for blob_id, _offset, _length, kind in used:
+                    packer.add(kind, blob_id, self.read_blob(blob_id, pack_key, body))
+                progress.advance(files=1, nbytes=listing[pack_key].size)
+            packer.flush()
+        finally:
+            packer.close(index_what_finished=False)
+        old_indexes = [info.key for info in self.store.list("index/") if info.key not in packer.index_keys]
+        if keep:
+            key, obj = encode_index([(p, self.index.pack_sizes[p], [[kind, b, o, n] for b, o, n, kind in blobs])
+                                     for p, blobs in keep])
+            self.store.put(key, obj)
+            old_indexes = [k for k in old_indexes if k != key]
+        for key in old_indexes:
+            self.store.delete(key)
+        freed = 0
+        gone = delete + [p for p, _ in repack] + orphans
+        for key in gone:
+            if key in listing:
+                freed += listing[key].size
+                self.store.delete(key)
+        aborted = self._clean_interrupted_writes(orphan_grace)
+        self.index = BlobIndex()
+        self._load_index()
+        with self._cache_lock:
+            self._body_cache.clear()
+        return {"packs_deleted": len(delete), "packs_repacked": len(repack), "orphans_deleted": len(orphans),
+                "objects_deleted": len(gone) + len(old_indexes), "bytes_freed": freed,
+                "bytes_uploaded": stats.bytes_stored, "multipart_uploads_aborted": aborted}
+
+    def _clean_interrupted_writes(self, older_than: float) -> int:
+        """Temp files (local folders) and multipart uploads (S3) that interrupted writes left."""
+        stale_temps = getattr(self.store, "stale_temp_files", None)
+        if stale_temps:
+            for path in stale_temps(older_than):
+                path.unlink(missing_ok=True)
+        abort_uploads = getattr(self.store, "abort_multipart_uploads", None)
+        return abort_uploads(older_than) if abort_uploads else 0
 
     # ---- blobs --------------------------------------------------------------------------
     def _pack_body(self, pack_key: str) -> bytes:
@@ -441,8 +527,9 @@ class _PackFetcher:
 class _Packer:
     """Collects blobs into packs and uploads them from a small thread pool, with backpressure."""
 
-    def __init__(self, repo: NativeRepository, stats: BackupStats):
+    def __init__(self, repo: NativeRepository, stats: BackupStats, dedupe_with_index: bool = True):
         self.repo = repo
+        self.dedupe_with_index = dedupe_with_index  # off when prune repacks blobs the index still lists
         self.stats = stats
         self.buffers: dict[str, list] = {pack.DATA: [], pack.TREE: []}
         self.sizes = {pack.DATA: 0, pack.TREE: 0}
@@ -458,7 +545,7 @@ class _Packer:
     def add(self, kind: str, blob_id: str, data: bytes) -> bool:
         """Queue a blob unless the repository or this backup already has it. True if new."""
         with self.lock:
-            if blob_id in self.pending or blob_id in self.repo.index:
+            if blob_id in self.pending or (self.dedupe_with_index and blob_id in self.repo.index):
                 return False
             self.pending.add(blob_id)
             self.buffers[kind].append((kind, blob_id, data))
