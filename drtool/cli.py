@@ -263,6 +263,68 @@ def prune(state: State, dry_run: bool, break_lock: bool, policy_path: Path | Non
     state.emit(result.as_dict(), human)
 
 
+# ---- disk --------------------------------------------------------------------------------
+@cli.command()
+@click.option("--enforce", is_flag=True,
+              help="Free space where a path is critical: drtool's cache and restore staging, prune a local "
+                   "repository on that disk, then (only with [disk] evict_expired_blobs) expired blobs a "
+                   "verified snapshot holds.")
+@click.option("--policy", "policy_path", type=click.Path(path_type=Path), help="Policy file (default: [policy] file).")
+@click.option("--best-height", type=click.IntRange(min=0), default=None,
+              help="Current best block height for delete-at-height expiry (default: the latest snapshot's).")
+@click.option("--staging-grace", default="15m", show_default=True,
+              help="Keep restore staging changed more recently than this: it may belong to a running restore.")
+@click.pass_obj
+def disk(state: State, enforce: bool, policy_path: Path | None, best_height: int | None, staging_grace: str) -> None:
+    """Disk usage of the watched paths against the policy's [disk] thresholds.
+
+    Exits 0 when no path is critical (warnings are printed), 4 when one is (with --enforce: still
+    critical after everything the policy allows), naming the path, its usage and what holds the space.
+    """
+    from drtool import disk as disk_mod
+    from drtool.errors import DiskThresholdError
+    from drtool.policy import parse_duration
+
+    try:
+        grace = parse_duration(staging_grace).total_seconds()
+    except ValueError as exc:
+        raise ConfigError(f"--staging-grace: {exc}") from None
+    policy = _load_policy(state, policy_path)
+    cfg = state.config
+    error = None
+    if enforce:
+        try:
+            result = disk_mod.enforce(cfg, policy, state.repository, best_height=best_height, staging_grace=grace)
+        except DiskThresholdError as exc:
+            result, error = exc.report, exc  # type: ignore[attr-defined]
+    else:
+        result = disk_mod.report(cfg, policy)
+        error = disk_mod.critical_error(result)
+
+    def human() -> None:
+        for fs in result.filesystems():
+            u = fs[0].usage
+            click.echo(f"{fs[0].status:<8} {u.mount}: {u.used_percent:.1f}% used, {_human(u.free)} free of "
+                       f"{_human(u.total)}, inodes {u.inode_percent:.1f}%")
+            for p in fs:
+                click.echo(f"           {p.watched.path} ({p.watched.role})")
+        for p in result.paths:
+            if not p.usage.exists:
+                click.echo(f"missing  {p.watched.path} ({p.watched.role}): {p.usage.error}")
+        for a in result.actions:
+            click.echo(f"  did: {a.action} on {a.mount}: {a.items} items, {_human(a.bytes)} ({a.detail})")
+        for f in result.findings:
+            click.echo(f"  {f.severity}: {f}")
+
+    doc = result.as_dict()
+    if error is not None:
+        doc["error"] = str(error)
+    state.emit(doc, human)
+    if error is not None:
+        click.echo(f"drtool: error: {secrets.redact(str(error))}", err=True)
+        sys.exit(DiskThresholdError.exit_code)
+
+
 # ---- init --------------------------------------------------------------------------------
 @cli.command()
 @click.option("--from-teranode", "settings_path", type=click.Path(path_type=Path),

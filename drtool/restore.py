@@ -141,19 +141,42 @@ def restore(cfg: Config | None, repo: Repository, snap: Manifest, *, target_dir:
     return result
 
 
-def _teranode_checks(placements: list[Placement]) -> list[Finding]:
+def _check_folder(path: str) -> tuple[list[tuple[str, str, str]], int, int]:
+    """Teranode checks of one folder (runs in a worker process)."""
     from drtool.teranode import checks
 
+    report = checks.check_tree(path).run()
+    return [(f.path, f.problem, f.severity) for f in report.findings], report.checked, report.unchecked
+
+
+def _teranode_checks(placements: list[Placement]) -> list[Finding]:
+    """Teranode's own hashes of every restored blob-store file: names = hashes of content,
+    sidecars match. CPU-bound (merkle roots), so spread over processes by hash-prefix folder."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from drtool.teranode import checks
+    from drtool.teranode.filetypes import IGNORED_DIRS
+
     findings = []
-    for p in placements:
-        if p.kind != "tree":
-            continue
-        report = checks.check_tree(p.staging).run()
-        log.info("%s/%s: Teranode checks on %d files (%d of types without a check)",
-                 p.source, p.name, report.checked, report.unchecked)
-        for f in report.findings:
-            rel = os.path.relpath(f.path, p.staging) if os.path.isabs(f.path) else f.path
-            findings.append(Finding(f"{p.source}/{p.name} {rel}", f.problem, getattr(f, "severity", "error")))
+    with ProcessPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        for p in placements:
+            if p.kind != "tree":
+                continue
+            folders = [e.path for e in os.scandir(p.staging) if e.is_dir(follow_symlinks=False) and e.name not in IGNORED_DIRS]
+            results = list(pool.map(_check_folder, folders))
+            top = [e.path for e in os.scandir(p.staging) if e.is_file(follow_symlinks=False)]
+            for path in top:
+                detail = checks.check_file_detail(path)
+                results.append(([(f.path, f.problem, f.severity) for f in detail.findings], int(detail.checked),
+                                int(not detail.checked)))
+            checked = sum(r[1] for r in results)
+            unchecked = sum(r[2] for r in results)
+            log.info("%s/%s: Teranode checks on %d files (%d of types without a check)",
+                     p.source, p.name, checked, unchecked)
+            for found, _c, _u in results:
+                for path, problem, severity in found:
+                    rel = os.path.relpath(path, p.staging) if os.path.isabs(path) else path
+                    findings.append(Finding(f"{p.source}/{p.name} {rel}", problem, severity))
     return findings
 
 

@@ -39,12 +39,16 @@ from drtool.repo.objectstore import ObjectStore
 log = logging.getLogger(__name__)
 
 FORMAT_NAME = "drtool-native"
-PACK_SIZE = 16 << 20      # raw bytes per pack before it is sealed
-INDEX_EVERY = 16          # packs per intermediate index object (what a killed backup can reuse)
-READERS = 4               # file-reading threads (I/O and hashing release the GIL)
-UPLOADERS = 3             # pack compress+upload threads
-PACKS_IN_FLIGHT = 4       # sealed packs waiting for upload: bounds memory
-RESTORE_PACKS_AHEAD = 6   # packs fetched ahead of the restore writer: bounds memory
+PACK_SIZE = 8 << 20       # raw bytes per pack before it is sealed
+INDEX_EVERY = 32          # packs per intermediate index object (what a killed backup can reuse)
+READERS = 3               # file-reading threads (I/O and hashing release the GIL)
+UPLOADERS = 2             # pack compress+upload threads (zstd releases the GIL)
+PACKS_IN_FLIGHT = 3       # sealed packs waiting for upload: bounds memory
+RESTORE_PACKS_AHEAD = 6   # packs fetched ahead of the restore writers: bounds memory
+WRITERS = 8               # restore threads creating files (file creation is latency, not CPU)
+WRITES_IN_FLIGHT = 256
+BATCH_FILES = 128         # small files per reader task
+BATCH_BYTES = 4 << 20
 
 
 def _canonical(doc: Any) -> bytes:
@@ -105,6 +109,13 @@ class NativeRepository(Repository):
                                   f"is not supported by drtool {__version__} (it knows version {FORMAT_VERSION})")
         return doc
 
+    def refresh(self) -> None:
+        """Forget what was read before a lock was taken: load the index again."""
+        self.index = BlobIndex()
+        self._load_index()
+        with self._cache_lock:
+            self._body_cache.clear()
+
     def _load_index(self) -> None:
         for info in self.store.list("index/"):
             try:
@@ -157,6 +168,7 @@ class NativeRepository(Repository):
     def begin_backup(self, command: str = "backup", wait: float = 600.0) -> "NativeBackup":
         lock = self.lock(command, exclusive=False, wait=wait)
         try:
+            self.refresh()  # a prune may have run while we waited for the lock
             self.recover_unindexed_packs()
         except Exception:
             lock.release()
@@ -175,6 +187,7 @@ class NativeRepository(Repository):
         lock. Order keeps a crash harmless: new packs, then the new index, then deletions."""
         import time as _time
 
+        self.refresh()  # what backups wrote before our exclusive lock
         findings: list[Finding] = []
         referenced: set[str] = set()
         for snap in self.snapshots():
@@ -229,10 +242,7 @@ class NativeRepository(Repository):
                 freed += listing[key].size
                 self.store.delete(key)
         aborted = self._clean_interrupted_writes(orphan_grace)
-        self.index = BlobIndex()
-        self._load_index()
-        with self._cache_lock:
-            self._body_cache.clear()
+        self.refresh()
         return {"packs_deleted": len(delete), "packs_repacked": len(repack), "orphans_deleted": len(orphans),
                 "objects_deleted": len(gone) + len(old_indexes), "bytes_freed": freed,
                 "bytes_uploaded": stats.bytes_stored, "multipart_uploads_aborted": aborted}
@@ -292,9 +302,11 @@ class NativeRepository(Repository):
     def restore_tree(self, ref: dict, dest: Path, progress: Progress) -> RestoreStats:
         stats = RestoreStats()
         fetcher = _PackFetcher(self)
+        writers = ThreadPoolExecutor(WRITERS, thread_name_prefix="drtool-write")
+        writes: collections.deque[Future] = collections.deque()
+        dir_times: list[tuple[Path, dict]] = []  # applied last: writing into a dir changes its mtime
         ops = self._walk(ref["tree"], "")
         window: collections.deque = collections.deque()
-        dest_fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY)
         try:
             while True:
                 # Keep the fetcher busy: look ahead until enough packs are on their way.
@@ -315,23 +327,28 @@ class NativeRepository(Repository):
                     os.mkdir(target, 0o700)
                     stats.dirs += 1
                 elif kind == "enddir":
-                    os.chmod(target, entry["mode"])
-                    os.utime(target, ns=(entry["mtime_ns"], entry["mtime_ns"]))
+                    dir_times.append((target, entry))
                 elif kind == "symlink":
                     os.symlink(entry["target"], target)
                 elif kind == "file":
-                    self._restore_file(target, path, entry, fetcher)
+                    writes.append(writers.submit(self._restore_file, target, path, entry, fetcher, progress))
                     stats.files += 1
                     stats.bytes_written += entry["size"]
-                    progress.advance(files=1, nbytes=entry["size"])
+                    while len(writes) > WRITES_IN_FLIGHT or (writes and writes[0].done()):
+                        writes.popleft().result()
                 else:
                     raise IntegrityError(f"{path}: unknown entry type {kind!r} in tree")
+            while writes:
+                writes.popleft().result()
+            for target, entry in dir_times:
+                os.chmod(target, entry["mode"])
+                os.utime(target, ns=(entry["mtime_ns"], entry["mtime_ns"]))
         finally:
-            os.close(dest_fd)
+            writers.shutdown(wait=True, cancel_futures=True)
             fetcher.close()
         return stats
 
-    def _restore_file(self, target: Path, path: str, entry: dict, fetcher: "_PackFetcher") -> None:
+    def _restore_file(self, target: Path, path: str, entry: dict, fetcher: "_PackFetcher", progress: Progress) -> None:
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         try:
             whole = hashlib.sha256() if "sha256" in entry else None
@@ -352,6 +369,7 @@ class NativeRepository(Repository):
             os.utime(fd, ns=(entry["mtime_ns"], entry["mtime_ns"]))
         finally:
             os.close(fd)
+        progress.advance(files=1, nbytes=entry["size"])
 
     def read_stream(self, ref: dict) -> Iterator[bytes]:
         where = f"stream {ref.get('name', '')}".strip()
@@ -498,24 +516,29 @@ class _PackFetcher:
         self.pool = ThreadPoolExecutor(UPLOADERS)
         self.futures: dict[str, Future] = {}
         self.refs: collections.Counter = collections.Counter()
+        self.lock = threading.Lock()  # writers release while the walker wants
 
     def want(self, pack_key: str) -> None:
-        self.refs[pack_key] += 1
-        if pack_key not in self.futures:
-            self.futures[pack_key] = self.pool.submit(
-                lambda k: pack.decode_body(self.repo.store.get(k), k), pack_key)
+        with self.lock:
+            self.refs[pack_key] += 1
+            if pack_key not in self.futures:
+                self.futures[pack_key] = self.pool.submit(
+                    lambda k: pack.decode_body(self.repo.store.get(k), k), pack_key)
 
     def pending(self) -> int:
         return len(self.futures)
 
     def body(self, pack_key: str) -> bytes:
-        return self.futures[pack_key].result()
+        with self.lock:
+            fut = self.futures[pack_key]
+        return fut.result()
 
     def release(self, pack_key: str) -> None:
-        self.refs[pack_key] -= 1
-        if self.refs[pack_key] <= 0:
-            del self.refs[pack_key]
-            self.futures.pop(pack_key, None)
+        with self.lock:
+            self.refs[pack_key] -= 1
+            if self.refs[pack_key] <= 0:
+                del self.refs[pack_key]
+                self.futures.pop(pack_key, None)
 
     def close(self) -> None:
         for fut in self.futures.values():
@@ -658,7 +681,9 @@ class NativeBackup(BackupSession):
                 parent = {e["name"]: e for e in self.repo.load_tree(parent_id, f"parent tree {spec.name}/{rel}")}
             except (IntegrityError, RepositoryError) as exc:
                 log.warning("%s; reading %s/%s again in full", exc, spec.name, rel)
-        items: list[Any] = []
+        items: list[Any] = []  # entries, and futures giving lists of entries, in name order
+        batch: list[tuple[str, str]] = []
+        batch_bytes = 0
         for de in dir_entries:
             relpath = f"{rel}/{de.name}" if rel else de.name
             try:
@@ -688,24 +713,38 @@ class NativeBackup(BackupSession):
                         with self._stats_lock:
                             self.stats.files_unchanged += 1
                         progress.advance(files=1, nbytes=st.st_size)
+                    elif st.st_size >= chunker.SINGLE_BLOB_LIMIT:
+                        items.append(self.readers.submit(self._store_files, [(de.path, de.name)], progress))
                     else:
-                        items.append(self.readers.submit(self._store_file, de.path, de.name, progress))
+                        # Small files go to the readers in batches: one task per file costs more
+                        # than reading the file.
+                        batch.append((de.path, de.name))
+                        batch_bytes += st.st_size
+                        if len(batch) >= BATCH_FILES or batch_bytes >= BATCH_BYTES:
+                            items.append(self.readers.submit(self._store_files, batch, progress))
+                            batch, batch_bytes = [], 0
             except FileNotFoundError:
                 with self._stats_lock:
                     self.stats.files_vanished += 1
+        if batch:
+            items.append(self.readers.submit(self._store_files, batch, progress))
         entries = []
         for item in items:
-            entry = item.result() if isinstance(item, Future) else item
-            if entry is None:
-                continue
-            if entry["type"] == "file":
-                counts["files"] += 1
-                counts["bytes"] += entry["size"]
-            entries.append(entry)
+            for entry in (item.result() if isinstance(item, Future) else [item]):
+                if entry is None:
+                    continue
+                if entry["type"] == "file":
+                    counts["files"] += 1
+                    counts["bytes"] += entry["size"]
+                entries.append(entry)
+        entries.sort(key=lambda e: e["name"])
         data = _canonical({"entries": entries})
         tree_id = _sha(data)
         self.packer.add(pack.TREE, tree_id, data)
         return tree_id
+
+    def _store_files(self, files: list[tuple[str, str]], progress: Progress) -> list[dict | None]:
+        return [self._store_file(path, name, progress) for path, name in files]
 
     def _store_file(self, path: str, name: str, progress: Progress) -> dict | None:
         for _attempt in range(3):

@@ -44,7 +44,11 @@ def encode(blobs: list[tuple[str, str, bytes]], level: int) -> tuple[bytes, list
         entries.append([kind, blob_id, offset, len(data)])
         offset += len(data)
     cctx = _compressor(level)
-    body = cctx.compress(b"".join(data for _, _, data in blobs))
+    # Streamed into one frame: no joined copy of the raw bytes is ever held.
+    stream = cctx.compressobj(size=offset)
+    parts = [stream.compress(data) for _, _, data in blobs]
+    parts.append(stream.flush())
+    body = b"".join(parts)
     header = cctx.compress(json.dumps({"v": 1, "blobs": entries}, separators=(",", ":")).encode())
     return body + header + TRAILER.pack(len(header), MAGIC), entries
 

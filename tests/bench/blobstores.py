@@ -1,0 +1,146 @@
+"""Blob-store benchmark: drtool against restic and tar|zstd on the same sample node, in one run.
+
+    .venv/bin/python -m tests.bench.blobstores [--tx-files 100000] [--subtrees 800] [--dir DIR]
+                                               [--engines native,restic]
+
+Builds a Teranode-format sample node (100,000 tx files plus subtrees and blocks: about 1 GiB),
+warms the page cache, then times on the same data:
+  first backup   drtool -> local repository | restic backup -> local repository | tar -c | zstd -T0
+  incremental    after +2 % files           | restic backup (same change)
+  full restore   drtool restore              | restic restore
+and prints each figure, the ratios drtool/restic and drtool/(tar|zstd), and drtool's peak memory
+(max RSS of its process, from wait4). Every tool runs as a child process of this one.
+Targets (issue 2): drtool/restic <= 0.4 first backup, <= 0.5 incremental and restore;
+drtool/(tar|zstd) <= 1.5; peak memory < 300 MiB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from drtool import config as config_mod
+from drtool.teranode import sample
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run(argv: list[str], env: dict | None = None, stdout=subprocess.DEVNULL, shell: bool = False) -> tuple[float, int]:
+    """(seconds, max RSS in KiB) of one child process."""
+    started = time.perf_counter()
+    proc = subprocess.Popen(argv, env=env, stdout=stdout, stderr=subprocess.PIPE, shell=shell)
+    _pid, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - started
+    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{argv if not shell else argv}: failed\n{err[-2000:]}")
+    return seconds, usage.ru_maxrss
+
+
+def drtool_argv(cfg: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "drtool.cli", "-q", "--config", str(cfg), *args]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tx-files", type=int, default=100_000)
+    ap.add_argument("--subtrees", type=int, default=800)
+    ap.add_argument("--blocks", type=int, default=40)
+    ap.add_argument("--dir", type=Path, default=None)
+    ap.add_argument("--engines", default="native,restic", help="drtool engines to time: native and/or restic")
+    args = ap.parse_args()
+    engines = [e for e in args.engines.split(",") if e]
+
+    base = args.dir or Path(tempfile.mkdtemp(prefix="drtool-bench-", dir="/var/tmp"))
+    base.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), RESTIC_PASSWORD="bench-password", RESTIC_CACHE_DIR=str(base / "restic-cache"))
+    node_dir = base / "node"
+    try:
+        t = time.perf_counter()
+        node = sample.build_sample_node(node_dir, seed=1, tx_files=args.tx_files, subtrees=args.subtrees, blocks=args.blocks)
+        print(f"sample node: {node.data_files} files, {node.data_bytes / 2**20:.0f} MiB (built in {time.perf_counter() - t:.1f}s)")
+        run(f"tar -cf - -C {node_dir} . > /dev/null", shell=True)  # warm the page cache for everyone
+
+        results: dict[str, float] = {}
+        peak: dict[str, int] = {}
+        cfgs = {}
+        for engine in engines:
+            repo = base / f"repo-{engine}"
+            url = f"file://{repo}" if engine == "native" else f"restic:{repo}"
+            cfg = base / f"drtool-{engine}.toml"
+            cfg.write_text(config_mod.render_toml({
+                "node": {"name": "bench", "data_dir": str(node_dir), "quiesce": "offline", "state_dir": str(base / "state")},
+                "repository": {"url": url, "compression_level": 3},
+                "blobstores": {"external": "external", "subtreestore": "subtreestore", "blockstore": "blockstore"},
+            }))
+            cfgs[engine] = cfg
+
+        # first backup
+        for engine, cfg in cfgs.items():
+            results[f"drtool-{engine} backup"], peak[f"drtool-{engine} backup"] = run(drtool_argv(cfg, "backup"), env)
+        restic_repo = base / "restic-plain"
+        run(["restic", "init", "--repo", str(restic_repo)], env)
+        results["restic backup"], _ = _restic_backup(restic_repo, node_dir, env)
+        results["tar|zstd"], _ = run(f"tar -cf - -C {node_dir} --exclude='*.tmp' --exclude=subtree_quorum . "
+                                     f"| zstd -T0 -3 -q -o {base / 'node.tar.zst'}", shell=True)
+
+        # incremental: +2 % files
+        sample.add_files(node_dir, seed=2, count=max(1, args.tx_files * 2 // 100))
+        for engine, cfg in cfgs.items():
+            results[f"drtool-{engine} incremental"], peak[f"drtool-{engine} incremental"] = run(drtool_argv(cfg, "backup"), env)
+        results["restic incremental"], _ = _restic_backup(restic_repo, node_dir, env)
+
+        # full restore
+        for engine, cfg in cfgs.items():
+            target = base / f"restore-{engine}"
+            results[f"drtool-{engine} restore"], peak[f"drtool-{engine} restore"] = run(
+                drtool_argv(cfg, "restore", "latest", "--target-dir", str(target)), env)
+        results["restic restore"], _ = run(["restic", "restore", "latest", "--repo", str(restic_repo), "-q",
+                                            "--target", str(base / "restore-restic-plain")], env)
+
+        sizes = {name: _du(path) for name, path in
+                 [*((f"drtool-{e}", base / f"repo-{e}") for e in cfgs), ("restic", restic_repo), ("tar|zstd", base / "node.tar.zst")]}
+        print()
+        for name, seconds in results.items():
+            mem = f"  peak RSS {peak[name] / 1024:.0f} MiB" if name in peak else ""
+            print(f"{name:<28} {seconds:8.2f} s{mem}")
+        print()
+        for name, size in sizes.items():
+            print(f"repository {name:<17} {size / 2**20:8.1f} MiB")
+        print()
+        for engine in cfgs:
+            d = f"drtool-{engine}"
+            print(f"{d}/restic first backup  {results[f'{d} backup'] / results['restic backup']:.2f}  (target <= 0.4)")
+            print(f"{d}/restic incremental   {results[f'{d} incremental'] / results['restic incremental']:.2f}  (target <= 0.5)")
+            print(f"{d}/restic restore       {results[f'{d} restore'] / results['restic restore']:.2f}  (target <= 0.5)")
+            print(f"{d}/(tar|zstd) backup    {results[f'{d} backup'] / results['tar|zstd']:.2f}  (target <= 1.5)")
+            print(f"{d} peak memory          {max(v for k, v in peak.items() if k.startswith(d)) / 1024:.0f} MiB  (target < 300)")
+    finally:
+        if args.dir is None:
+            shutil.rmtree(base, ignore_errors=True)
+
+
+def _restic_backup(repo: Path, node_dir: Path, env: dict) -> tuple[float, int]:
+    argv = ["restic", "backup", "--repo", str(repo), "-q", "--compression", "auto",
+            "--exclude", "*.tmp", "--exclude", "subtree_quorum", "."]
+    started = time.perf_counter()
+    proc = subprocess.run(argv, env=env, cwd=node_dir, capture_output=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"restic backup failed: {proc.stderr.decode()[-2000:]}")
+    return time.perf_counter() - started, 0
+
+
+def _du(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+if __name__ == "__main__":
+    main()
