@@ -158,7 +158,7 @@ def restore(state: State, snapshot_ref: str, target_dir: Path | None, pg_dsn: st
     snap = repo.find(snapshot_ref)
     cfg = state.config
     result = restore_mod.restore(cfg, repo, snap, target_dir=target_dir.resolve() if target_dir else None,
-                                 only=_split_only(only), force=force)
+                                 only=_split_only(only), force=force, pg_dsn=pg_dsn)
 
     def human() -> None:
         click.echo(f"restored snapshot {snap.id[:8]}: {result.files} files, {_human(result.bytes)}")

@@ -166,10 +166,7 @@ def check_spool(path: str | Path, needed_bytes: int, policy: Policy | DiskPolicy
     """Refuse (DiskThresholdError) to write `needed_bytes` under `path` when that would take its
     filesystem past a critical threshold. `path` may not exist yet: its nearest parent is measured."""
     limits = _limits(policy)
-    probe = Path(path).absolute()
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    u = usage(probe)
+    u = usage(nearest_existing(Path(path)))
     if not u.exists:
         raise DiskThresholdError(f"{path}: cannot measure free space before spooling: {u.error}")
     crossed = spool_crossing(u, max(0, int(needed_bytes)), limits)
@@ -179,6 +176,13 @@ def check_spool(path: str | Path, needed_bytes: int, policy: Policy | DiskPolicy
             f"{crossed.text} (now {u.used_percent:.1f}% used, {human(u.free)} free); "
             "free space first (drtool disk --enforce)")
     return u
+
+
+def nearest_existing(path: Path) -> Path:
+    probe = Path(path).absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    return probe
 
 
 def _limits(policy: Policy | DiskPolicy) -> DiskPolicy:
@@ -232,8 +236,9 @@ class PathStatus:
         return status_of(self.usage, self.crossed)
 
     def as_dict(self) -> dict[str, Any]:
+        measured = {"measured_at": self.usage.path} if self.usage.path != str(self.watched.path) else {}
         return {**self.usage.as_dict(), "path": str(self.watched.path), "role": self.watched.role,
-                "status": self.status, "crossed": [c.threshold for c in self.crossed]}
+                **measured, "status": self.status, "crossed": [c.threshold for c in self.crossed]}
 
 
 @dataclass
@@ -301,7 +306,9 @@ def report(cfg: Config, policy: Policy | DiskPolicy) -> DiskReport:
     limits = _limits(policy)
     statuses = []
     for w in watched_paths(cfg, policy):
-        u = usage(w.path)
+        # drtool creates its own folders when it first needs them: until then, the filesystem
+        # they will be created on is the one that matters.
+        u = usage(w.path if w.role == "policy" else nearest_existing(w.path))
         statuses.append(PathStatus(w, u, crossings(u, limits)))
     rep = DiskReport(statuses)
     for p in statuses:

@@ -33,9 +33,11 @@ class Placement:
     source: str
     name: str
     ref: dict
-    final: Path
+    final: Path | None
     staging: Path | None = None
-    kind: str = "tree"  # tree | file
+    kind: str = "tree"  # tree | file | database
+    dsn: str | None = None  # database: the target
+    staged_db: Any = None   # database: the checked scratch database, until published
 
 
 @dataclass
@@ -55,12 +57,14 @@ class RestoreResult:
 
     def as_dict(self) -> dict[str, Any]:
         return {"ok": self.ok, "snapshot": self.snapshot.id, "published": self.published,
-                "restored": [{"source": p.source, "name": p.name, "path": str(p.final)} for p in self.placements],
+                "restored": [{"source": p.source, "name": p.name, "path": str(p.final) if p.final else p.name}
+                             for p in self.placements],
                 "moved_aside": self.moved_aside, "files": self.files, "bytes": self.bytes,
                 "findings": [f.as_dict() for f in self.findings], "next_steps": self.next_steps}
 
 
-def plan(cfg: Config | None, snap: Manifest, target_dir: Path | None, only: list[str] | None) -> list[Placement]:
+def plan(cfg: Config | None, snap: Manifest, target_dir: Path | None, only: list[str] | None,
+         pg_dsn: str | None = None) -> list[Placement]:
     out = []
     wanted = set(only) if only else None
     for source, src in snap.sources.items():
@@ -73,6 +77,12 @@ def plan(cfg: Config | None, snap: Manifest, target_dir: Path | None, only: list
         elif source == "files":
             for name, ref in src["items"].items():
                 out.append(Placement(source, name, ref, files.restore_target(name, ref, target_dir), kind="file"))
+        elif source == "postgres":
+            dsn = pg_dsn or (cfg.postgres.dsn if cfg and cfg.postgres else None)
+            if not dsn:
+                raise ConfigError(f"snapshot {snap.id[:8]} holds the PostgreSQL database: give --pg-dsn, "
+                                  "configure [postgres], or leave it out with --only")
+            out.append(Placement(source, src.get("database", "teranode"), src, None, kind="database", dsn=dsn))
     if wanted:
         missing = wanted - set(snap.sources)
         if missing:
@@ -84,6 +94,8 @@ def _preflight(placements: list[Placement], force: bool) -> None:
     """Refuse before anything is written: a target that is a file, or one that is not empty."""
     for p in placements:
         final = p.final
+        if p.kind == "database":
+            continue  # checked by the PostgreSQL source before it writes anything
         if p.kind == "tree":
             if final.exists() and not final.is_dir():
                 raise ConfigError(f"restore target {final}: exists and is not a directory")
@@ -103,8 +115,9 @@ def _preflight(placements: list[Placement], force: bool) -> None:
 
 
 def restore(cfg: Config | None, repo: Repository, snap: Manifest, *, target_dir: Path | None = None,
-            only: list[str] | None = None, force: bool = False, check_teranode: bool = True) -> RestoreResult:
-    placements = plan(cfg, snap, target_dir, only)
+            only: list[str] | None = None, force: bool = False, check_teranode: bool = True,
+            pg_dsn: str | None = None) -> RestoreResult:
+    placements = plan(cfg, snap, target_dir, only, pg_dsn)
     if not placements:
         raise ConfigError(f"snapshot {snap.id[:8]}: nothing to restore" + (f" for --only {','.join(only)}" if only else ""))
     if target_dir is not None and target_dir.exists() and not target_dir.is_dir():
@@ -114,6 +127,9 @@ def restore(cfg: Config | None, repo: Repository, snap: Manifest, *, target_dir:
     tag = f"{snap.id[:8]}-{pysecrets.token_hex(3)}"
     try:
         for p in placements:
+            if p.kind == "database":
+                _stage_database(cfg, repo, p, force, result)
+                continue
             p.final.parent.mkdir(parents=True, exist_ok=True)
             p.staging = p.final.parent / f".{p.final.name}.drtool-staging-{tag}"
             if p.kind == "tree":
@@ -132,6 +148,8 @@ def restore(cfg: Config | None, repo: Repository, snap: Manifest, *, target_dir:
         _publish(placements, result)
     except BaseException:
         for p in placements:
+            if p.staged_db is not None:
+                p.staged_db.discard()
             if p.staging is not None and (p.staging.exists() or p.staging.is_symlink()):
                 if p.staging.is_dir() and not p.staging.is_symlink():
                     shutil.rmtree(p.staging, ignore_errors=True)
@@ -139,6 +157,25 @@ def restore(cfg: Config | None, repo: Repository, snap: Manifest, *, target_dir:
                     p.staging.unlink(missing_ok=True)
         raise
     return result
+
+
+def _stage_database(cfg: Config | None, repo: Repository, p: Placement, force: bool, result: RestoreResult) -> None:
+    """pg_restore into a scratch database beside the target, checked against the manifest
+    (row counts, chain linkage, best block); renamed into place only at publish."""
+    from drtool.errors import IntegrityError
+    from drtool.sources import postgres
+
+    pg = cfg.postgres if cfg else None
+    try:
+        p.staged_db = postgres.stage_restore(
+            repo.read_stream(p.ref), p.dsn, jobs=pg.jobs if pg else 1, force=force,
+            spool_dir=cfg.node.state_dir if cfg else None, size_hint=p.ref.get("size"), expected=p.ref,
+            pg_restore=(pg.pg_restore or None) if pg else None, no_owner=True)
+    except IntegrityError as exc:
+        result.findings.extend(getattr(exc, "findings", []))
+        raise
+    result.bytes += p.staged_db.bytes_restored
+    result.findings.extend(p.staged_db.findings)
 
 
 def _check_folder(path: str) -> tuple[list[tuple[str, str, str]], int, int]:
@@ -183,6 +220,12 @@ def _teranode_checks(placements: list[Placement]) -> list[Finding]:
 def _publish(placements: list[Placement], result: RestoreResult) -> None:
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     for p in placements:
+        if p.kind == "database":
+            published = p.staged_db.publish()
+            p.staged_db = None
+            if published.previous_database:
+                result.moved_aside.append(f"database {published.previous_database}")
+            continue
         final = p.final
         if final.is_dir() and not final.is_symlink() and not any(final.iterdir()):
             final.rmdir()

@@ -134,9 +134,12 @@ def _backup_source(name: str, cfg: Config, session, parent_src: dict | None, doc
     if name == "files":
         return files.backup(session, cfg.files, cfg.node.data_dir, parent_src)
     if name == "postgres":
-        from drtool.sources import postgres_backup
+        from drtool.sources import postgres
 
-        return postgres_backup.backup(session, cfg, doc)
+        src = postgres.backup(session, cfg.postgres.dsn, pg_dump=cfg.postgres.pg_dump or None)
+        if src.get("best_block"):
+            doc["best_block"] = src["best_block"]  # read in the dump's own transaction snapshot
+        return src
     if name == "aerospike":
         from drtool.sources import aerospike_backup
 

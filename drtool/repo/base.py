@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from drtool.errors import ConfigError
+from drtool.findings import Finding  # noqa: F401 (part of the engine interface)
 from drtool.progress import Progress
 
 FORMAT_VERSION = 1
@@ -46,21 +47,6 @@ class RestoreStats:
     files: int = 0
     dirs: int = 0
     bytes_written: int = 0
-
-
-@dataclass
-class Finding:
-    """A problem found: `subject` names the object, file or row; `problem` what is wrong."""
-
-    subject: str
-    problem: str
-    severity: str = "error"  # error | warning
-
-    def as_dict(self) -> dict[str, str]:
-        return {"subject": self.subject, "problem": self.problem, "severity": self.severity}
-
-    def __str__(self) -> str:
-        return f"{self.subject}: {self.problem}"
 
 
 @dataclass

@@ -46,6 +46,7 @@ from psycopg import conninfo as pg_conninfo
 from psycopg import sql
 
 from drtool.errors import ConfigError, DrtoolError, IntegrityError, SourceError
+from drtool.findings import Finding
 from drtool.secrets import redact, register
 
 log = logging.getLogger(__name__)
@@ -451,20 +452,6 @@ def dump_stream(dsn: str, *, pg_dump: str | None = None, chunk_size: int = CHUNK
 # ---------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class Finding:
-    """One thing wrong with a restored database: what (table, row) and how."""
-
-    subject: str
-    problem: str
-
-    def __str__(self) -> str:
-        return f"{self.subject}: {self.problem}"
-
-    def to_dict(self) -> dict[str, str]:
-        return {"object": self.subject, "problem": self.problem}
-
-
 MAX_ROW_FINDINGS = 20  # per kind of damage: enough to act on, without flooding a report
 
 
@@ -634,17 +621,57 @@ def _drop_database(admin: psycopg.Connection, name: str) -> None:
     admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
-def restore_stream(chunks: Iterable[bytes], dsn: str, *, jobs: int = 1, force: bool = False,
-                   spool_dir: str | os.PathLike | None = None, size_hint: int | None = None,
-                   expected: DumpMetadata | dict | None = None, pg_restore: str | None = None,
-                   no_owner: bool = False) -> RestoreResult:
-    """Restore a pg_dump -Fc stream into the DSN's database (created when missing).
+@dataclasses.dataclass
+class StagedDatabase:
+    """A restored, checked scratch database waiting to be renamed into place (or dropped)."""
 
-    The dump goes into a scratch database first; only when pg_restore succeeded and
-    `check_database(expected)` found nothing is it renamed to the target. jobs > 1 spools
-    the stream to a file in `spool_dir` (pg_restore -j needs a seekable archive), after
-    checking there is room for `size_hint` bytes. Raises IntegrityError (with `.findings`)
-    when the checks fail; the scratch database is then dropped and the target left alone.
+    dsn: str
+    target: str
+    scratch: str
+    exists: bool
+    force: bool
+    bytes_restored: int
+    findings: list[Finding]
+    started: float
+
+    @property
+    def scratch_dsn(self) -> str:
+        return dsn_with(self.dsn, dbname=self.scratch)
+
+    def _admin(self) -> psycopg.Connection:
+        return connect(dsn_with(self.dsn, dbname=MAINTENANCE_DB), autocommit=True,
+                       what="connect to the maintenance database")
+
+    def publish(self) -> RestoreResult:
+        admin = self._admin()
+        try:
+            previous = _swap_in(admin, self.scratch, self.target, exists=self.exists, force=self.force, dsn=self.dsn)
+        except psycopg.Error as exc:
+            raise SourceError(f"restore into database {self.target!r}: {_one_line(exc)}") from None
+        finally:
+            admin.close()
+        log.info("restored database %s (%d bytes of dump)", self.target, self.bytes_restored)
+        return RestoreResult(self.target, self.bytes_restored, self.findings, previous, time.monotonic() - self.started)
+
+    def discard(self) -> None:
+        with contextlib.suppress(psycopg.Error, DrtoolError):
+            admin = self._admin()
+            try:
+                _drop_database(admin, self.scratch)
+            finally:
+                admin.close()
+
+
+def stage_restore(chunks: Iterable[bytes], dsn: str, *, jobs: int = 1, force: bool = False,
+                  spool_dir: str | os.PathLike | None = None, size_hint: int | None = None,
+                  expected: DumpMetadata | dict | None = None, pg_restore: str | None = None,
+                  no_owner: bool = False) -> StagedDatabase:
+    """Restore a pg_dump -Fc stream into a scratch database beside the DSN's and check it.
+
+    jobs > 1 spools the stream to a file in `spool_dir` (pg_restore -j needs a seekable
+    archive), after checking there is room for `size_hint` bytes. Raises IntegrityError (with
+    `.findings`) when the checks fail; the scratch database is then dropped. The target is not
+    touched until `publish()`.
     """
     started = time.monotonic()
     target = database_name(dsn)
@@ -673,10 +700,9 @@ def restore_stream(chunks: Iterable[bytes], dsn: str, *, jobs: int = 1, force: b
             err = IntegrityError(f"restored database {target!r} failed {len(findings)} check(s), first: {findings[0]}")
             err.findings = findings  # type: ignore[attr-defined]
             raise err
-        previous = _swap_in(admin, scratch, target, exists=exists, force=force, dsn=dsn)
+        staged = StagedDatabase(dsn, target, scratch, exists, force, restored, findings, started)
         scratch = None
-        log.info("restored database %s (%d bytes of dump)", target, restored)
-        return RestoreResult(target, restored, findings, previous, time.monotonic() - started)
+        return staged
     except psycopg.Error as exc:
         raise SourceError(f"restore into database {target!r} on {display_dsn(admin_dsn)}: {_one_line(exc)}") from None
     finally:
@@ -684,6 +710,17 @@ def restore_stream(chunks: Iterable[bytes], dsn: str, *, jobs: int = 1, force: b
             with contextlib.suppress(psycopg.Error):
                 _drop_database(admin, scratch)
         admin.close()
+
+
+def restore_stream(chunks: Iterable[bytes], dsn: str, **options: Any) -> RestoreResult:
+    """Restore a pg_dump -Fc stream into the DSN's database (created when missing): into a
+    scratch database first, checked, then renamed into place (see stage_restore)."""
+    staged = stage_restore(chunks, dsn, **options)
+    try:
+        return staged.publish()
+    except BaseException:
+        staged.discard()
+        raise
 
 
 def _sessions(admin: psycopg.Connection, name: str, wait: float = 5.0) -> int:
@@ -941,3 +978,21 @@ def fill_bulk(dsn: str, n_blocks: int, extra_bytes_per_row: int = 0, *, seed: in
                             [(f"10.0.{i}.1", f"10.0.{i}.1/32") for i in range(10)])
         _finish_load(conn, chain, True)
         conn.commit()
+
+
+# ---------------------------------------------------------------------------------------
+# The snapshot's side: a dump streamed into the repository, a stored dump restored
+# ---------------------------------------------------------------------------------------
+
+
+def backup(session, dsn: str, *, pg_dump: str | None = None) -> dict[str, Any]:
+    """Stream `pg_dump -Fc` into the repository; returns the manifest's `postgres` source."""
+    from drtool.progress import Progress
+
+    with dump_stream(dsn, pg_dump=pg_dump) as dump:
+        with Progress("backup postgres") as progress:
+            ref = session.store_stream("postgres.dump", dump, progress)
+    meta = dump.metadata.to_dict()
+    if meta.get("dump_sha256") and meta["dump_sha256"] != ref["sha256"]:
+        raise IntegrityError(f"postgres dump of {meta['database']!r}: the repository stored other bytes than pg_dump wrote")
+    return {**ref, **meta, "dsn": display_dsn(dsn)}
