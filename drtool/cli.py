@@ -158,7 +158,8 @@ def restore(state: State, snapshot_ref: str, target_dir: Path | None, pg_dsn: st
     snap = repo.find(snapshot_ref)
     cfg = state.config
     result = restore_mod.restore(cfg, repo, snap, target_dir=target_dir.resolve() if target_dir else None,
-                                 only=_split_only(only), force=force, pg_dsn=pg_dsn)
+                                 only=_split_only(only), force=force, pg_dsn=pg_dsn,
+                                 aerospike_hosts=aerospike_host.split(",") if aerospike_host else None)
 
     def human() -> None:
         click.echo(f"restored snapshot {snap.id[:8]}: {result.files} files, {_human(result.bytes)}")
@@ -323,6 +324,110 @@ def disk(state: State, enforce: bool, policy_path: Path | None, best_height: int
     if error is not None:
         click.echo(f"drtool: error: {secrets.redact(str(error))}", err=True)
         sys.exit(DiskThresholdError.exit_code)
+
+
+# ---- daemon and hooks (drtool.daemon, scheduled jobs; `hook pre-update` for updates) -------
+def _duration_seconds(option: str, text: str) -> float:
+    from drtool.policy import parse_duration
+
+    try:
+        return parse_duration(text).total_seconds()
+    except ValueError as exc:
+        raise ConfigError(f"{option}: {exc}") from None
+
+
+@cli.command()
+@click.option("--policy", "policy_path", type=click.Path(path_type=Path), help="Policy file (default: [policy] file).")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
+              help="json: one JSON object per log line on stderr (time, level, logger, message, job).")
+@click.option("--once", is_flag=True, help="Run each scheduled job once, then exit (non-zero if one failed).")
+@click.option("--grace", default="5m", show_default=True, help="At SIGTERM, how long a running job may finish.")
+@click.option("--health-interval", default="30s", show_default=True, help="How often /healthz re-checks the repository.")
+@click.option("--notify-style", type=click.Choice(["auto", "plain", "healthchecks"]), default="auto", show_default=True,
+              help="Webhook URLs as written (plain) or healthchecks.io ping URLs (/start, /fail); auto: by host.")
+@click.option("--listen", default="0.0.0.0", show_default=True, help="Address of the /metrics and /healthz listener.")
+@click.pass_obj
+def daemon(state: State, policy_path: Path | None, log_format: str, once: bool, grace: str,
+           health_interval: str, notify_style: str, listen: str) -> None:
+    """Run the policy's jobs on their schedules; serve /metrics and /healthz."""
+    from drtool.daemon import run_daemon
+
+    policy = _load_policy(state, policy_path)
+    code = run_daemon(state.config, policy, log_format=log_format, once=once,
+                      grace=_duration_seconds("--grace", grace),
+                      health_interval=max(0.2, _duration_seconds("--health-interval", health_interval)),
+                      notify_style=notify_style, listen=listen)
+    if code:
+        sys.exit(code)
+
+
+TERANODE_ENV_FILES = (Path("/opt/teranode-quickstart/.env"),)
+
+
+def _teranode_version(env_file: Path | None, config_dir: Path) -> tuple[str | None, Path | None]:
+    """TERANODE_VERSION from the compose .env: --env-file, else beside drtool.toml, else the SOP's path."""
+    candidates = [env_file] if env_file else [config_dir / ".env", *TERANODE_ENV_FILES]
+    for path in candidates:
+        try:
+            lines = path.read_text().splitlines()
+        except OSError:
+            if env_file:
+                raise ConfigError(f"--env-file {path}: cannot read it") from None
+            continue
+        for line in lines:
+            key, sep, value = line.strip().removeprefix("export ").partition("=")
+            if sep and key.strip() == "TERANODE_VERSION":
+                value = value.split(" #", 1)[0].strip().strip("'\"")
+                return (value or None), path
+        return None, path
+    return None, None
+
+
+@cli.group()
+def hook() -> None:
+    """Hooks for the node's maintenance scripts (compose/teranode-update.sh)."""
+
+
+@hook.command("pre-update")
+@click.option("--env-file", type=click.Path(path_type=Path),
+              help="The compose .env holding TERANODE_VERSION (default: beside drtool.toml, then "
+                   "/opt/teranode-quickstart/.env).")
+@click.pass_obj
+def pre_update(state: State, env_file: Path | None) -> None:
+    """Snapshot tagged pre-update (and teranode-<version>), then verify all of its data.
+    A non-zero exit means: do not update."""
+    import re as _re
+
+    from drtool import snapshot
+    from drtool import verify as verify_mod
+
+    cfg = state.config
+    version, env_path = _teranode_version(env_file, cfg.path.parent)
+    tags = ["pre-update"]
+    if version:
+        tags.append("teranode-" + _re.sub(r"[^A-Za-z0-9._-]", "_", version))
+    try:
+        repo = state.repository()
+        result = snapshot.take(cfg, repo, tags=tags)
+    except DrtoolError as exc:
+        raise type(exc)(f"hook pre-update: no pre-update snapshot, do not update: {exc}") from None
+    m = result.manifest
+    checked = verify_mod.verify(repo, [m], 1.0)
+    if not checked.ok:
+        first = next(f for f in checked.findings if f.severity == "error")
+        raise DrtoolError(f"hook pre-update: snapshot {m.id[:8]} failed verification "
+                          f"({len(checked.findings)} problems, first: {first}); do not update")
+    doc = {"ok": True, "snapshot": result.as_dict()["snapshot"], "teranode_version": version,
+           "env_file": str(env_path) if env_path else None, "verify": checked.as_dict(),
+           "rollback": f"drtool restore {m.id[:8]}"}
+
+    def human() -> None:
+        click.echo(f"pre-update snapshot {m.id[:8]} saved ({m.status}) and verified, tags {','.join(m.tags)}")
+        if not version:
+            click.echo("  TERANODE_VERSION not found" + (f" in {env_path}" if env_path else " (no .env found)"))
+        click.echo(f"  to roll back after the update: stop the node, then `drtool restore {m.id[:8]} --force`")
+
+    state.emit(doc, human)
 
 
 # ---- init --------------------------------------------------------------------------------

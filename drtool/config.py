@@ -24,6 +24,9 @@ AEROSPIKE_ENGINES = ("tool", "native")
 
 REQUIRED = object()  # marks a key without a default
 
+# Secrets that come only from the environment, never from the file (and are not overrides).
+ENV_SECRETS = ("DRTOOL_AEROSPIKE_PASSWORD", "DRTOOL_ENCRYPTION_KEY")
+
 # section -> key -> (type, default). Types: str, int, float, bool, "list[str]", "table[str]".
 SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
     "node": {
@@ -197,7 +200,7 @@ def _env_value(raw: str, kind: Any, where: str) -> Any:
 
 def _apply_env(data: dict[str, Any], env: dict[str, str], name: str) -> None:
     for var, raw in env.items():
-        if not var.startswith("DRTOOL_") or var in ("DRTOOL_CONFIG",) or var.startswith("DRTOOL_TEST"):
+        if not var.startswith("DRTOOL_") or var in ("DRTOOL_CONFIG", *ENV_SECRETS) or var.startswith("DRTOOL_TEST"):
             continue
         rest = var[len("DRTOOL_"):].lower()
         for section in SCHEMA:
@@ -308,7 +311,7 @@ def parse(data: dict[str, Any], path: Path, env: dict[str, str] | None = None) -
         cfg.aerospike = AerospikeConfig(**aero)
     if "policy" in values and values["policy"]["file"]:
         cfg.policy_file = (base / values["policy"]["file"]).resolve()
-    for var in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "PGPASSWORD", "RESTIC_PASSWORD"):
+    for var in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "PGPASSWORD", "RESTIC_PASSWORD", *ENV_SECRETS):
         secrets.register(env.get(var))
     return cfg
 

@@ -45,8 +45,7 @@ CACHE_DIR = "cache"                  # under cfg.node.state_dir
 STAGING_GRACE = 15 * 60              # seconds: staging changed more recently may belong to a running restore
 STAGING = re.compile(r"^\.(?P<store>.+)\.drtool-staging-(?P<tag>[0-9a-f]{8}-[0-9a-f]{6})$")
 SIDECARS = (".sha256", ".dah")       # deleted with their blob (the .dah last)
-DU_ENTRY_BUDGET = 200_000            # entries `holders` may stat in total: a bounded du
-TOP_HOLDERS = 5
+DU_ENTRY_BUDGET = 200_000            # entries `holders` may stat in all: a bounded du
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,15 +326,18 @@ def report(cfg: Config, policy: Policy | DiskPolicy) -> DiskReport:
 
 def critical_error(rep: DiskReport, notes: Iterable[str] = ()) -> DiskThresholdError | None:
     """The exit-4 error for what is still critical in `rep` (None when nothing is), naming each
-    filesystem's first path, its usage and the largest folders holding its space."""
+    filesystem's first path, its usage and the largest folders holding its space: under the
+    watched paths, and on the whole filesystem (what fills it may be no one's we watch)."""
     parts = []
     for fs in rep.critical():
         u = fs[0].usage
         crossed = "; ".join(c.text for c in fs[0].crossed if c.severity == "error")
-        biggest = ", ".join(f"{path} {'>= ' if approx else ''}{human(size)}"
-                            for path, size, approx in holders([p.watched.path for p in fs], u.device))
-        parts.append(f"{fs[0].watched.path} (filesystem {u.mount}, {human(u.free)} free of {human(u.total)}): "
-                     f"{crossed}; largest: {biggest or 'nothing drtool can read'}")
+        watched = [p.watched.path for p in fs]
+        text = (f"{fs[0].watched.path} (filesystem {u.mount}, {human(u.free)} free of {human(u.total)}): "
+                f"{crossed}; largest: {_holders_text(holders(watched, u.device))}")
+        if Path(u.mount) not in watched:
+            text += f"; largest on {u.mount}: {_holders_text(holders([Path(u.mount)], u.device))}"
+        parts.append(text)
     if not parts:
         return None
     verb = "still critical after enforcement" if rep.enforced else "critical"
@@ -345,22 +347,26 @@ def critical_error(rep: DiskReport, notes: Iterable[str] = ()) -> DiskThresholdE
     return err
 
 
-def holders(paths: list[Path], device: int, top: int = TOP_HOLDERS,
+def _holders_text(found: list[tuple[str, int, bool]]) -> str:
+    return ", ".join(f"{path} {'>= ' if approx else ''}{human(size)}" for path, size, approx in found) \
+        or "nothing drtool can read"
+
+
+def holders(paths: list[Path], device: int, top: int = 3,
             budget: int = DU_ENTRY_BUDGET) -> list[tuple[str, int, bool]]:
     """The largest top-level entries under `paths` on filesystem `device`: (path, bytes on disk,
-    approximate). A bounded du: at most `budget` entries are looked at, the rest is 'at least'."""
+    approximate). A bounded du: each entry may look at its share of `budget` entries; what it
+    could not look at makes its size 'at least'."""
     roots = [p for p in paths if not any(q != p and q in p.parents for q in paths)]  # outermost only
-    sizes: list[tuple[str, int, bool]] = []
-    left = [budget]
+    entries: list[str] = []
     for root in roots:
         try:
             with os.scandir(root) as it:
-                entries = list(it)
+                entries += [de.path for de in it]
         except OSError:
             continue
-        for de in entries:
-            size, approx = _du(de.path, device, left)
-            sizes.append((de.path, size, approx))
+    share = max(1000, budget // max(1, len(entries)))
+    sizes = [(path, *_du(path, device, [share])) for path in entries]
     sizes.sort(key=lambda s: s[1], reverse=True)
     return sizes[:top]
 

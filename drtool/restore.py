@@ -35,7 +35,7 @@ class Placement:
     ref: dict
     final: Path | None
     staging: Path | None = None
-    kind: str = "tree"  # tree | file | database
+    kind: str = "tree"  # tree | file | database | utxo
     dsn: str | None = None  # database: the target
     staged_db: Any = None   # database: the checked scratch database, until published
 
@@ -64,7 +64,7 @@ class RestoreResult:
 
 
 def plan(cfg: Config | None, snap: Manifest, target_dir: Path | None, only: list[str] | None,
-         pg_dsn: str | None = None) -> list[Placement]:
+         pg_dsn: str | None = None, aerospike_hosts: list[str] | None = None, force: bool = False) -> list[Placement]:
     out = []
     wanted = set(only) if only else None
     for source, src in snap.sources.items():
@@ -83,6 +83,15 @@ def plan(cfg: Config | None, snap: Manifest, target_dir: Path | None, only: list
                 raise ConfigError(f"snapshot {snap.id[:8]} holds the PostgreSQL database: give --pg-dsn, "
                                   "configure [postgres], or leave it out with --only")
             out.append(Placement(source, src.get("database", "teranode"), src, None, kind="database", dsn=dsn))
+        elif source == "aerospike":
+            if not (cfg and cfg.aerospike):
+                raise ConfigError(f"snapshot {snap.id[:8]} holds the UTXO store: configure [aerospike] "
+                                  "(engine, tool) or leave it out with --only")
+            if not aerospike_hosts and not force:
+                raise ConfigError(f"snapshot {snap.id[:8]} holds the UTXO store: name the target cluster with "
+                                  "--aerospike HOST:PORT, or pass --force to write into the configured one")
+            out.append(Placement(source, src.get("namespace", "utxo-store"), src, None, kind="utxo",
+                                 dsn=",".join(aerospike_hosts or cfg.aerospike.hosts)))
     if wanted:
         missing = wanted - set(snap.sources)
         if missing:
@@ -94,8 +103,8 @@ def _preflight(placements: list[Placement], force: bool) -> None:
     """Refuse before anything is written: a target that is a file, or one that is not empty."""
     for p in placements:
         final = p.final
-        if p.kind == "database":
-            continue  # checked by the PostgreSQL source before it writes anything
+        if p.kind in ("database", "utxo"):
+            continue  # checked by their sources before they write anything
         if p.kind == "tree":
             if final.exists() and not final.is_dir():
                 raise ConfigError(f"restore target {final}: exists and is not a directory")
@@ -116,8 +125,8 @@ def _preflight(placements: list[Placement], force: bool) -> None:
 
 def restore(cfg: Config | None, repo: Repository, snap: Manifest, *, target_dir: Path | None = None,
             only: list[str] | None = None, force: bool = False, check_teranode: bool = True,
-            pg_dsn: str | None = None) -> RestoreResult:
-    placements = plan(cfg, snap, target_dir, only, pg_dsn)
+            pg_dsn: str | None = None, aerospike_hosts: list[str] | None = None) -> RestoreResult:
+    placements = plan(cfg, snap, target_dir, only, pg_dsn, aerospike_hosts, force)
     if not placements:
         raise ConfigError(f"snapshot {snap.id[:8]}: nothing to restore" + (f" for --only {','.join(only)}" if only else ""))
     if target_dir is not None and target_dir.exists() and not target_dir.is_dir():
@@ -130,6 +139,8 @@ def restore(cfg: Config | None, repo: Repository, snap: Manifest, *, target_dir:
             if p.kind == "database":
                 _stage_database(cfg, repo, p, force, result)
                 continue
+            if p.kind == "utxo":
+                continue  # written at publish: a cluster has no staging area to rename
             p.final.parent.mkdir(parents=True, exist_ok=True)
             p.staging = p.final.parent / f".{p.final.name}.drtool-staging-{tag}"
             if p.kind == "tree":
@@ -145,7 +156,7 @@ def restore(cfg: Config | None, repo: Repository, snap: Manifest, *, target_dir:
         errors = [f for f in result.findings if f.severity == "error"]
         if errors:
             raise DrtoolError(f"restore checks failed ({len(errors)} findings; first: {errors[0]}); nothing published")
-        _publish(placements, result)
+        _publish(placements, result, repo, cfg)
     except BaseException:
         for p in placements:
             if p.staged_db is not None:
@@ -217,9 +228,15 @@ def _teranode_checks(placements: list[Placement]) -> list[Finding]:
     return findings
 
 
-def _publish(placements: list[Placement], result: RestoreResult) -> None:
+def _publish(placements: list[Placement], result: RestoreResult, repo: Repository, cfg: Config | None) -> None:
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    for p in placements:
+    for p in sorted(placements, key=lambda p: p.kind == "utxo"):  # the UTXO store last
+        if p.kind == "utxo":
+            from drtool.sources import aerospike
+
+            done = aerospike.restore(repo, p.ref, cfg.aerospike, p.dsn.split(","))
+            result.files += done["records"]
+            continue
         if p.kind == "database":
             published = p.staged_db.publish()
             p.staged_db = None

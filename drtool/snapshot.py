@@ -141,9 +141,9 @@ def _backup_source(name: str, cfg: Config, session, parent_src: dict | None, doc
             doc["best_block"] = src["best_block"]  # read in the dump's own transaction snapshot
         return src
     if name == "aerospike":
-        from drtool.sources import aerospike_backup
+        from drtool.sources import aerospike
 
-        return aerospike_backup.backup(session, cfg, parent_src)
+        return aerospike.backup(session, cfg.aerospike)
     raise ConfigError(f"unknown source {name}")
 
 
