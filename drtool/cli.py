@@ -196,9 +196,14 @@ def _parse_fraction(value: str | None) -> float:
 @click.option("--all", "all_snapshots", is_flag=True, help="Every snapshot (the default without SNAPSHOT).")
 @click.option("--read-data", "read_data", is_flag=False, flag_value="1", default=None, metavar="[FRACTION]",
               help="Download and hash the data too (all of it, or a fraction: 0.05 or 5%).")
+@click.option("--drill", is_flag=True, help="Also restore SNAPSHOT (default: latest) into scratch space and run "
+                                           "every Teranode check; the scratch is removed afterwards.")
+@click.option("--aerospike", "aerospike_host", metavar="HOST:PORT", help="A scratch cluster to drill the UTXO store into.")
 @click.pass_obj
-def verify(state: State, snapshot_ref: str | None, all_snapshots: bool, read_data: str | None) -> None:
-    """Check the repository: objects present, sizes right; with --read-data, every byte."""
+def verify(state: State, snapshot_ref: str | None, all_snapshots: bool, read_data: str | None, drill: bool,
+           aerospike_host: str | None) -> None:
+    """Check the repository: objects present, sizes right; with --read-data, every byte;
+    with --drill, that a node can be rebuilt from the snapshot."""
     from drtool import verify as verify_mod
 
     fraction = _parse_fraction(read_data)
@@ -207,6 +212,14 @@ def verify(state: State, snapshot_ref: str | None, all_snapshots: bool, read_dat
         raise ConfigError("verify: give SNAPSHOT or --all, not both")
     snaps = [repo.find(snapshot_ref)] if snapshot_ref else repo.snapshots()
     result = verify_mod.verify(repo, snaps, fraction)
+    if drill:
+        target = repo.find(snapshot_ref or "latest")
+        result.drill = verify_mod.drill(state.config, repo, target,
+                                        aerospike_host.split(",") if aerospike_host else None)
+        result.findings.extend(verify_mod.Finding(f["subject"], f["problem"], f.get("severity", "error"))
+                               for f in result.drill["findings"])
+        if not result.drill["ok"] and result.ok:
+            result.findings.append(verify_mod.Finding(f"drill of {target.id[:8]}", "restore failed"))
 
     def human() -> None:
         what = f"{len(snaps)} snapshot{'s' if len(snaps) != 1 else ''}"
@@ -217,6 +230,11 @@ def verify(state: State, snapshot_ref: str | None, all_snapshots: bool, read_dat
             click.echo(f"verified {what}{data}: {len(result.findings)} problems")
         for f in result.findings:
             click.echo(f"  {f.severity}: {f}")
+        if result.drill is not None:
+            d = result.drill
+            click.echo(f"drill: snapshot {d['snapshot'][:8]} {'restored and checked' if d['ok'] else 'FAILED'} "
+                       f"in {d['time_to_restore_seconds']:.1f}s ({', '.join(d['sources'])}"
+                       + (f"; not drilled: {', '.join(d['skipped'])}" if d["skipped"] else "") + ")")
 
     state.emit(result.as_dict(), human)
     if not result.ok:
@@ -330,6 +348,10 @@ def disk(state: State, enforce: bool, policy_path: Path | None, best_height: int
 def _duration_seconds(option: str, text: str) -> float:
     from drtool.policy import parse_duration
 
+    try:
+        return float(text)  # plain seconds, fractions allowed
+    except ValueError:
+        pass
     try:
         return parse_duration(text).total_seconds()
     except ValueError as exc:

@@ -37,7 +37,11 @@ SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
         "stop_command": ("list[str]", []),
         "start_command": ("list[str]", []),
         "max_quiesce": (str, "30m"),
+        "catchingblocks_wait": (str, "10m"),
         "state_dir": (str, ""),
+        "teranode_settings": (str, ""),
+        "settings_context": (str, ""),
+        "env_file": (str, ""),
     },
     "repository": {
         "url": (str, REQUIRED),
@@ -86,6 +90,10 @@ class NodeConfig:
     start_command: list[str]
     max_quiesce: str
     state_dir: Path
+    catchingblocks_wait: str = "10m"
+    teranode_settings: Path | None = None  # Teranode's settings.conf: utxoBatchSize, stores
+    settings_context: str = ""
+    env_file: Path | None = None  # the compose .env: TERANODE_VERSION
 
 
 @dataclass
@@ -259,16 +267,21 @@ def parse(data: dict[str, Any], path: Path, env: dict[str, str] | None = None) -
                 raise ConfigError(f"{name}: [node] {key}: required when quiesce = \"stop\"")
     from drtool.policy import parse_duration  # shared duration syntax ("30m", "6h")
 
-    try:
-        parse_duration(node["max_quiesce"])
-    except (ValueError, ConfigError) as exc:
-        raise ConfigError(f"{name}: [node] max_quiesce: {exc}") from None
+    for key in ("max_quiesce", "catchingblocks_wait"):
+        try:
+            parse_duration(node[key])
+        except (ValueError, ConfigError) as exc:
+            raise ConfigError(f"{name}: [node] {key}: {exc}") from None
     data_dir = (base / os.path.expanduser(node["data_dir"])).resolve()
     state_dir = node["state_dir"] or str(Path.home() / ".local" / "state" / "drtool" / node["name"])
     node_cfg = NodeConfig(
         name=node["name"], data_dir=data_dir, quiesce=node["quiesce"], teranode_cli=node["teranode_cli"],
         stop_command=node["stop_command"], start_command=node["start_command"],
         max_quiesce=node["max_quiesce"], state_dir=(base / os.path.expanduser(state_dir)).resolve(),
+        catchingblocks_wait=node["catchingblocks_wait"],
+        teranode_settings=(base / node["teranode_settings"]).resolve() if node["teranode_settings"] else None,
+        settings_context=node["settings_context"],
+        env_file=(base / node["env_file"]).resolve() if node["env_file"] else None,
     )
 
     repo = values["repository"]

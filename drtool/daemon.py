@@ -564,10 +564,7 @@ class Daemon:
         from apscheduler.triggers.interval import IntervalTrigger
 
         self._recover_quiesce()
-        try:  # like `drtool backup`, the first start creates the repository; jobs never do
-            open_repo(self.cfg, self.policy, create=True).close()
-        except Exception as exc:
-            log.error("repository %s is not usable yet: %s", secrets.redact(self.cfg.repository.url), exc)
+        self._create_repository()
         self.probe.check(measure_size=True)
         if self.policy.daemon.metrics_port:
             self.server = MetricsServer(self.metrics, self.health, self.policy.daemon.metrics_port, self.listen).start()
@@ -585,6 +582,15 @@ class Daemon:
         self.scheduler.start()
         if not jobs:
             log.warning("the policy %s schedules no job: only /metrics and /healthz are served", self.policy.source)
+
+    def _create_repository(self) -> None:
+        """Like `drtool backup`, the daemon's start creates the repository where none is. Jobs
+        never do: a repository that vanishes later (an unmounted disk, a wrong bucket) must be
+        reported, not silently replaced by an empty one."""
+        try:
+            open_repo(self.cfg, self.policy, create=True).close()
+        except Exception as exc:
+            log.error("repository %s is not usable yet: %s", secrets.redact(self.cfg.repository.url), exc)
 
     def _recover_quiesce(self) -> None:
         if self.cfg.node.quiesce != "stop":
@@ -631,6 +637,7 @@ class Daemon:
     def run_once(self) -> int:
         """Each scheduled job once, in order (for tests and cron-driven setups): 0 if none failed."""
         self._recover_quiesce()
+        self._create_repository()
         results = {name: self.run_job(name) for name in self.scheduled_jobs()}
         self.probe.check()
         self.notifier.close(timeout=10.0)

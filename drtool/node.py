@@ -584,8 +584,37 @@ def make_node_control(node_cfg: Any, **tuning: Any) -> NodeControl:
             max_quiesce = parse_duration(max_quiesce)
         except ValueError as exc:
             raise ConfigError(f"[node] max_quiesce: {exc}") from None
+    wait = getattr(node_cfg, "catchingblocks_wait", None)
+    if isinstance(wait, str):
+        wait = parse_duration(wait)
+    if wait is not None:
+        tuning.setdefault("catchingblocks_wait", wait)
+        tuning.setdefault("poll_interval", min(5.0, max(0.05, wait.total_seconds() / 20)))
     return NodeControl(
         teranode_cli=node_cfg.teranode_cli, stop_command=node_cfg.stop_command,
         start_command=node_cfg.start_command, state_dir=node_cfg.state_dir, max_quiesce=max_quiesce,
         mode=node_cfg.quiesce, **tuning,
     )
+
+
+def node_facts(node_cfg: Any) -> dict[str, Any]:
+    """What a snapshot records about the node and a restore compares: Teranode's version (the
+    compose .env's TERANODE_VERSION) and utxostore_utxoBatchSize (Teranode's settings), which
+    must never change under a node's UTXO store."""
+    facts: dict[str, Any] = {"version": None, "utxo_batch_size": None}
+    env_file = getattr(node_cfg, "env_file", None)
+    if env_file:
+        try:
+            for line in Path(env_file).read_text().splitlines():
+                key, _, value = line.partition("=")
+                if key.strip() == "TERANODE_VERSION":
+                    facts["version"] = value.strip().strip('"').strip("'") or None
+        except OSError as exc:
+            raise ConfigError(f"[node] env_file: {env_file}: cannot read: {exc.strerror}") from None
+    settings_path = getattr(node_cfg, "teranode_settings", None)
+    if settings_path:
+        from drtool.teranode.settings import load_settings, stores_from_settings
+
+        settings = load_settings(settings_path, context=getattr(node_cfg, "settings_context", "") or None)
+        facts["utxo_batch_size"] = stores_from_settings(settings).get("utxo_batch_size")
+    return facts

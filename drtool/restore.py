@@ -132,8 +132,10 @@ def restore(cfg: Config | None, repo: Repository, snap: Manifest, *, target_dir:
     if target_dir is not None and target_dir.exists() and not target_dir.is_dir():
         raise ConfigError(f"--target-dir {target_dir}: exists and is not a directory")
     _preflight(placements, force)
+    _check_compatible(cfg, snap, placements, force)
     result = RestoreResult(snap, placements)
     tag = f"{snap.id[:8]}-{pysecrets.token_hex(3)}"
+    created: list[Path] = []  # folders this restore made, removed again if it fails
     try:
         for p in placements:
             if p.kind == "database":
@@ -141,7 +143,7 @@ def restore(cfg: Config | None, repo: Repository, snap: Manifest, *, target_dir:
                 continue
             if p.kind == "utxo":
                 continue  # written at publish: a cluster has no staging area to rename
-            p.final.parent.mkdir(parents=True, exist_ok=True)
+            _make_parents(p.final.parent, created)
             p.staging = p.final.parent / f".{p.final.name}.drtool-staging-{tag}"
             if p.kind == "tree":
                 p.staging.mkdir(mode=0o700)
@@ -153,10 +155,12 @@ def restore(cfg: Config | None, repo: Repository, snap: Manifest, *, target_dir:
                 result.files += 1
         if check_teranode:
             result.findings.extend(_teranode_checks(placements))
+            result.findings.extend(_cross_store_checks(placements))
         errors = [f for f in result.findings if f.severity == "error"]
         if errors:
             raise DrtoolError(f"restore checks failed ({len(errors)} findings; first: {errors[0]}); nothing published")
         _publish(placements, result, repo, cfg)
+        result.next_steps = _next_steps(cfg, snap, placements)
     except BaseException:
         for p in placements:
             if p.staged_db is not None:
@@ -166,8 +170,61 @@ def restore(cfg: Config | None, repo: Repository, snap: Manifest, *, target_dir:
                     shutil.rmtree(p.staging, ignore_errors=True)
                 else:
                     p.staging.unlink(missing_ok=True)
+        for folder in reversed(created):
+            try:
+                folder.rmdir()
+            except OSError:
+                pass
         raise
     return result
+
+
+def _make_parents(folder: Path, created: list[Path]) -> None:
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    for path in reversed(missing):
+        path.mkdir()
+        created.append(path)
+
+
+def _check_compatible(cfg: Config | None, snap: Manifest, placements: list[Placement], force: bool) -> None:
+    """A UTXO store and DB only work with the Teranode version and utxoBatchSize they were
+    written by: refuse a mismatch with the target's configuration unless forced."""
+    from drtool.node import node_facts
+
+    recorded = snap.doc.get("teranode") or {}
+    if cfg is None or not any(p.kind in ("database", "utxo") for p in placements):
+        return
+    target = node_facts(cfg.node)
+    for key, label in (("version", "Teranode version"), ("utxo_batch_size", "utxostore_utxoBatchSize")):
+        was, now = recorded.get(key), target.get(key)
+        if was is not None and now is not None and str(was) != str(now):
+            message = (f"snapshot {snap.id[:8]} was taken with {label} {was}, the target is configured "
+                       f"for {now}")
+            if not force:
+                raise ConfigError(message + " (use --force to restore anyway)")
+            log.warning("%s: restoring anyway (--force)", message)
+    kinds = {p.kind for p in placements}
+    if kinds & {"database", "utxo"} and not {"database", "utxo", "tree"} <= kinds and len(snap.sources) > 1:
+        log.warning("restoring part of a node snapshot: PostgreSQL, the UTXO store and the blob stores "
+                    "only restore a working node as a matched set")
+
+
+def _next_steps(cfg: Config | None, snap: Manifest, placements: list[Placement]) -> list[str]:
+    if not any(p.kind in ("database", "utxo") for p in placements):
+        return []
+    steps = ["the node's FSM is left as the snapshot recorded it (IDLE when quiesced): run the checks you "
+             "need before starting it"]
+    if cfg and cfg.node.start_command:
+        steps.append("start the Teranode services: " + " ".join(cfg.node.start_command))
+    steps.append("set the FSM running: " + " ".join((cfg.node.teranode_cli if cfg else ["teranode-cli"])
+                                                    + ["setfsmstate", "--fsmstate", "running"]))
+    best = snap.doc.get("best_block")
+    if best:
+        steps.append(f"the node catches up from peers from block {best['height']} ({best['hash']})")
+    return steps
 
 
 def _stage_database(cfg: Config | None, repo: Repository, p: Placement, force: bool, result: RestoreResult) -> None:
@@ -187,6 +244,17 @@ def _stage_database(cfg: Config | None, repo: Repository, p: Placement, force: b
         raise
     result.bytes += p.staged_db.bytes_restored
     result.findings.extend(p.staged_db.findings)
+
+
+def _cross_store_checks(placements: list[Placement]) -> list[Finding]:
+    """The staged database against the staged block and subtree stores (a matched set)."""
+    from drtool.verify import cross_store_checks
+
+    db = next((p for p in placements if p.kind == "database" and p.staged_db is not None), None)
+    stores = {p.name: p.staging for p in placements if p.kind == "tree"}
+    if db is None or not ({"blockstore", "subtreestore"} & set(stores)):
+        return []
+    return cross_store_checks(db.staged_db.scratch_dsn, stores.get("blockstore"), stores.get("subtreestore"))
 
 
 def _check_folder(path: str) -> tuple[list[tuple[str, str, str]], int, int]:

@@ -100,6 +100,9 @@ def take(cfg: Config, repo: Repository, *, tags: list[str] = (), only: list[str]
         "tags": sorted(set(tags)), "parent": parent.id if parent else None,
         "quiesce": cfg.node.quiesce, "sources": {},
     }
+    from drtool.node import node_facts
+
+    doc["teranode"] = node_facts(cfg.node)
     if dry_run:
         from drtool.repo.native import NativeRepository
 
@@ -110,12 +113,22 @@ def take(cfg: Config, repo: Repository, *, tags: list[str] = (), only: list[str]
         session.packer.dry_run = True  # type: ignore[attr-defined]
     try:
         with quiesce(cfg):
+            best_at_start = _best_block_now(cfg, sources)
             for name in sources:
                 log.info("backing up %s", name)
                 parent_src = parent.sources.get(name) if parent else None
                 doc["sources"][name] = _backup_source(name, cfg, session, parent_src, doc)
+            best_at_end = _best_block_now(cfg, sources)
         doc["end_time"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds")
         doc["status"] = "complete" if cfg.node.quiesce in ("stop", "offline") else "fuzzy"
+        if best_at_start or best_at_end:
+            doc["best_block_range"] = {"start": best_at_start, "end": best_at_end}
+            if best_at_start != best_at_end and doc["status"] == "complete":
+                log.warning("the best block moved during the backup (%s -> %s) although the node was quiesced",
+                            best_at_start, best_at_end)
+        if doc["status"] == "fuzzy":
+            log.warning("hot snapshot (quiesce = \"none\"): each source is consistent on its own; a node "
+                        "restored from it needs a resync from the start of its block range")
         doc["size"] = sum(_source_size(src) for src in doc["sources"].values())
         if dry_run:
             session.abort()
@@ -126,6 +139,14 @@ def take(cfg: Config, repo: Repository, *, tags: list[str] = (), only: list[str]
         raise
     log.info("snapshot %s saved (%s)", manifest.id[:8], manifest.status)
     return BackupResult(manifest, session.stats, time.monotonic() - started)
+
+
+def _best_block_now(cfg: Config, sources: list[str]) -> dict | None:
+    if "postgres" not in sources:
+        return None
+    from drtool.sources import postgres
+
+    return postgres.current_best_block(cfg.postgres.dsn)
 
 
 def _backup_source(name: str, cfg: Config, session, parent_src: dict | None, doc: dict) -> dict:

@@ -383,6 +383,13 @@ def best_block(conn: psycopg.Connection) -> BestBlock | None:
     return BestBlock(height=row[1], hash=bytes(row[2])[::-1].hex(), id=row[0])
 
 
+def current_best_block(dsn: str) -> dict[str, Any] | None:
+    """The chain tip now (height, hash), or None for an empty chain."""
+    with contextlib.closing(connect(dsn, autocommit=True, what="read the best block")) as conn:
+        found = best_block(conn)
+    return found.to_dict() if found else None
+
+
 def _user_tables(conn: psycopg.Connection) -> list[tuple[str, str]]:
     rows = conn.execute(
         "SELECT schemaname, tablename FROM pg_catalog.pg_tables"
@@ -935,14 +942,24 @@ def _copy_blocks(conn: psycopg.Connection, rows: Iterable[tuple]) -> tuple[int, 
     return tip
 
 
-def load_sample_chain(dsn: str, chain: Iterable[tuple[int, str, str, bytes]], *, with_state: bool = True) -> None:
+def load_sample_chain(dsn: str, chain: Iterable[tuple[int, str, str, bytes]], *, with_state: bool = True,
+                      subtrees: dict[str, list[str]] | None = None, persisted: Iterable[str] = ()) -> None:
     """Create Teranode's schema in the DSN's database and load a chain of block headers
-    [(height, hash_hex, prev_hash_hex, header80)] (e.g. `synthetic_chain`) plus `state` rows."""
+    [(height, hash_hex, prev_hash_hex, header80)] (e.g. `synthetic_chain`) plus `state` rows.
+    `subtrees` (block hash -> subtree roots, display hex) fills the `subtrees` column; blocks
+    in `persisted` (display hex) get a `persisted_at`, as the block persister sets it."""
     chain = list(chain)
+    by_height = {}
+    for height, hash_hex, _prev, _header in chain:
+        roots = (subtrees or {}).get(hash_hex, [])
+        by_height[height] = b"".join(bytes.fromhex(r)[::-1] for r in roots)
     create_schema(dsn)
     with contextlib.closing(connect(dsn, what="load the sample chain")) as conn:
-        _copy_blocks(conn, _block_rows(chain))
+        _copy_blocks(conn, _block_rows(chain, payload=by_height.get if subtrees else None))
         _finish_load(conn, chain, with_state)
+        marked = [bytes.fromhex(h)[::-1] for h in persisted]
+        if marked:
+            conn.execute("UPDATE blocks SET persisted_at = now() WHERE hash = ANY(%s)", (marked,))
         conn.commit()
 
 

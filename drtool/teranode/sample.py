@@ -59,6 +59,7 @@ class SampleNode:
     outputs_txids: list[str] = field(default_factory=list)  # names of the .outputs files
     subtree_roots: list[str] = field(default_factory=list)
     block_files: dict[str, Path] = field(default_factory=dict)  # block hash hex -> file
+    block_subtrees: dict[str, list[str]] = field(default_factory=dict)  # block hash hex -> subtree roots
     file_counts: dict[str, int] = field(default_factory=dict)  # kind -> files written
     total_bytes: int = 0  # every file written
     data_files: int = 0  # files a backup carries (no temporaries, no quorum lock)
@@ -279,6 +280,7 @@ def _write_chain(w, root, rng, node, blocks, per_block) -> None:
         w.sha256_sidecar(path, data)
         node.chain.append(ChainEntry(height, name, hash_to_name(prev), header))
         node.block_files[name] = path
+        node.block_subtrees[name] = [r for _, r in mine]
         prev = block_id
     w.write(root / "blockstore" / "lastProcessed.dat", f"{blocks - 1}\n".encode(), "dat")
 
