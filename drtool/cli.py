@@ -39,7 +39,14 @@ class State:
     def repository(self, create: bool = False):
         from drtool.repo import open_repository
 
-        return open_repository(self.config.repository, create=create)
+        repo = open_repository(self.config.repository, create=create)
+        if self.config.policy_file and hasattr(repo, "store"):
+            # [throttle] of the policy applies to every command, not only the daemon's jobs.
+            from drtool.policy import load_policy
+            from drtool.throttle import throttle_store
+
+            repo.store = throttle_store(repo.store, load_policy(self.config.policy_file).throttle)
+        return repo
 
     def emit(self, doc: dict[str, Any], human: Callable[[], None]) -> None:
         if self.as_json:

@@ -340,35 +340,21 @@ def verify_subset(repo: Repository, snapshots: list[Manifest], n: int, t: int) -
 # ---------------------------------------------------------------------------------------------
 
 
-def _optional(module: str, attr: str) -> Callable | None:
-    """module.attr when this build has it, else None (the job is then skipped, not failed)."""
-    import importlib
-
-    try:
-        mod = importlib.import_module(module)
-    except ImportError:
-        return None
-    fn = getattr(mod, attr, None)
-    return fn if callable(fn) else None
-
-
 def run_disk(cfg: Config, policy: Policy, repo_factory: Callable[[], Repository], metrics: Metrics) -> dict:
-    report = _optional("drtool.disk", "report")
-    if report is None:
-        raise JobSkipped("disk checks are not available in this drtool build")
+    from drtool.disk import enforce, report
+
     rep = report(cfg, policy)
-    doc = rep.as_dict() if hasattr(rep, "as_dict") else dict(rep)
-    enforce = _optional("drtool.disk", "enforce")
-    if not doc.get("ok", True) and enforce is not None:
+    doc = rep.as_dict()
+    if not doc.get("ok", True):
         log.warning("disk: a filesystem is critical: enforcing [disk] (%s)",
                     "; ".join(str(f.get("problem", f)) for f in doc.get("findings", [])))
         try:
             rep = enforce(cfg, policy, repo_factory)
         except DrtoolError as exc:  # still critical: the metrics must show the latest usage all the same
             rep = getattr(exc, "report", None) or report(cfg, policy)
-            _disk_gauges(metrics, rep.as_dict() if hasattr(rep, "as_dict") else dict(rep))
+            _disk_gauges(metrics, rep.as_dict())
             raise
-        doc = rep.as_dict() if hasattr(rep, "as_dict") else dict(rep)
+        doc = rep.as_dict()
     _disk_gauges(metrics, doc)
     return {"ok": doc.get("ok", True), "findings": doc.get("findings", []), "actions": doc.get("actions", [])}
 
@@ -385,13 +371,12 @@ def _disk_gauges(metrics: Metrics, doc: dict) -> None:
 
 
 def run_drill(cfg: Config, repo: Repository, snapshot: Manifest) -> dict:
-    """The restore drill on `snapshot`: drtool.drill.run(cfg, repo, snapshot) -> result with
-    .ok / .as_dict() (or a dict) holding "time_to_restore_seconds"."""
-    fn = _optional("drtool.drill", "run") or _optional("drtool.verify", "drill")
-    if fn is None:
-        raise JobSkipped("restore drills are not available in this drtool build")
+    """The restore drill on `snapshot` (drtool.verify.drill): a dict with "ok", "findings" and
+    "time_to_restore_seconds"."""
+    from drtool.verify import drill
+
     started = time.monotonic()
-    result = fn(cfg, repo, snapshot)
+    result = drill(cfg, repo, snapshot)
     seconds = time.monotonic() - started
     doc = result.as_dict() if hasattr(result, "as_dict") else dict(result or {})
     doc.setdefault("time_to_restore_seconds", doc.get("seconds", seconds))

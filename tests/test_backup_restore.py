@@ -7,7 +7,6 @@ import os
 import stat
 from pathlib import Path
 
-import pytest
 
 from drtool.demo import tree_digest
 from drtool.repo import pack

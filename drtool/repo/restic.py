@@ -628,8 +628,17 @@ def parse_check_output(text: str, severity: str = "error") -> list[Finding]:
             continue
         context = None
         m = _CHECK_OBJECT.match(stripped)
+        damaged = re.match(r"^Pack ID does not match, want ([0-9a-f]{64}), got ([0-9a-f]{64})", stripped)
+        named = re.search(r"\b(pack|tree|blob|snapshot|index) ([0-9a-f]{8,64})\b", stripped, re.IGNORECASE)
         if m:
             findings.append(Finding(f"restic {m.group(1).lower()} {m.group(2)[:16]}", secrets.redact(m.group(3)), severity))
+        elif damaged:
+            findings.append(Finding(f"restic pack {damaged.group(1)[:16]}",
+                                    f"content does not match its id (damaged; it hashes to {damaged.group(2)[:16]})",
+                                    severity))
+        elif named:
+            findings.append(Finding(f"restic {named.group(1).lower()} {named.group(2)[:16]}",
+                                    secrets.redact(stripped.replace("Fatal: ", "")), severity))
         else:
             findings.append(Finding("restic check", secrets.redact(stripped.replace("Fatal: ", "")), severity))
     return findings
