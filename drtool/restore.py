@@ -136,6 +136,7 @@ def restore(cfg: Config | None, repo: Repository, snap: Manifest, *, target_dir:
     result = RestoreResult(snap, placements)
     tag = f"{snap.id[:8]}-{pysecrets.token_hex(3)}"
     created: list[Path] = []  # folders this restore made, removed again if it fails
+    checker = _TeranodeChecker() if check_teranode else None
     try:
         for p in placements:
             if p.kind == "database":
@@ -147,14 +148,15 @@ def restore(cfg: Config | None, repo: Repository, snap: Manifest, *, target_dir:
             p.staging = p.final.parent / f".{p.final.name}.drtool-staging-{tag}"
             if p.kind == "tree":
                 p.staging.mkdir(mode=0o700)
-                stats = blobstore.restore_into(repo, p.ref, p.staging, f"{p.source}/{p.name}")
+                stats = blobstore.restore_into(repo, p.ref, p.staging, f"{p.source}/{p.name}",
+                                               checker.submitter(p) if checker else None)
                 result.files += stats.files
                 result.bytes += stats.bytes_written
             else:
                 result.bytes += files.restore_file(repo, p.ref, p.staging)
                 result.files += 1
-        if check_teranode:
-            result.findings.extend(_teranode_checks(placements))
+        if checker:
+            result.findings.extend(checker.finish(placements))
             result.findings.extend(_cross_store_checks(placements))
         errors = [f for f in result.findings if f.severity == "error"]
         if errors:
@@ -162,6 +164,8 @@ def restore(cfg: Config | None, repo: Repository, snap: Manifest, *, target_dir:
         _publish(placements, result, repo, cfg)
         result.next_steps = _next_steps(cfg, snap, placements)
     except BaseException:
+        if checker:
+            checker.close()
         for p in placements:
             if p.staged_db is not None:
                 p.staged_db.discard()
@@ -265,35 +269,58 @@ def _check_folder(path: str) -> tuple[list[tuple[str, str, str]], int, int]:
     return [(f.path, f.problem, f.severity) for f in report.findings], report.checked, report.unchecked
 
 
-def _teranode_checks(placements: list[Placement]) -> list[Finding]:
+class _TeranodeChecker:
     """Teranode's own hashes of every restored blob-store file: names = hashes of content,
-    sidecars match. CPU-bound (merkle roots), so spread over processes by hash-prefix folder."""
-    from concurrent.futures import ProcessPoolExecutor
+    sidecars match. CPU-bound (merkle roots), so run in worker processes, each hash-prefix
+    folder as soon as the engine has written it: the checks overlap the writing."""
 
-    from drtool.teranode import checks
-    from drtool.teranode.filetypes import IGNORED_DIRS
+    def __init__(self) -> None:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
 
-    findings = []
-    with ProcessPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-        for p in placements:
-            if p.kind != "tree":
-                continue
-            folders = [e.path for e in os.scandir(p.staging) if e.is_dir(follow_symlinks=False) and e.name not in IGNORED_DIRS]
-            results = list(pool.map(_check_folder, folders))
-            top = [e.path for e in os.scandir(p.staging) if e.is_file(follow_symlinks=False)]
-            for path in top:
-                detail = checks.check_file_detail(path)
-                results.append(([(f.path, f.problem, f.severity) for f in detail.findings], int(detail.checked),
-                                int(not detail.checked)))
-            checked = sum(r[1] for r in results)
-            unchecked = sum(r[2] for r in results)
-            log.info("%s/%s: Teranode checks on %d files (%d of types without a check)",
-                     p.source, p.name, checked, unchecked)
-            for found, _c, _u in results:
-                for path, problem, severity in found:
-                    rel = os.path.relpath(path, p.staging) if os.path.isabs(path) else path
-                    findings.append(Finding(f"{p.source}/{p.name} {rel}", problem, severity))
-    return findings
+        # Workers are forked now, before the restore starts its writer threads (forking a
+        # process with running threads is not safe); with "fork" they all start on this submit.
+        self.pool = ProcessPoolExecutor(max_workers=os.cpu_count() or 2,
+                                        mp_context=multiprocessing.get_context("fork"))
+        self.pool.submit(int).result()
+        self.jobs: dict[str, list] = {}  # placement name -> [(folder, future)]
+
+    def submitter(self, p: Placement):
+        jobs = self.jobs.setdefault(f"{p.source}/{p.name}", [])
+        return lambda folder: jobs.append((str(folder), self.pool.submit(_check_folder, str(folder))))
+
+    def finish(self, placements: list[Placement]) -> list[Finding]:
+        from drtool.teranode import checks
+        from drtool.teranode.filetypes import IGNORED_DIRS
+
+        findings = []
+        try:
+            for p in placements:
+                if p.kind != "tree":
+                    continue
+                jobs = self.jobs.setdefault(f"{p.source}/{p.name}", [])
+                done = {folder for folder, _ in jobs}
+                for e in os.scandir(p.staging):  # what the engine did not report (restic)
+                    if e.is_dir(follow_symlinks=False) and e.name not in IGNORED_DIRS and e.path not in done:
+                        jobs.append((e.path, self.pool.submit(_check_folder, e.path)))
+                results = [fut.result() for _, fut in jobs]
+                for e in os.scandir(p.staging):
+                    if e.is_file(follow_symlinks=False):
+                        detail = checks.check_file_detail(e.path)
+                        results.append(([(f.path, f.problem, f.severity) for f in detail.findings],
+                                        int(detail.checked), int(not detail.checked)))
+                log.info("%s/%s: Teranode checks on %d files (%d of types without a check)",
+                         p.source, p.name, sum(r[1] for r in results), sum(r[2] for r in results))
+                for found, _c, _u in results:
+                    for path, problem, severity in found:
+                        rel = os.path.relpath(path, p.staging) if os.path.isabs(path) else path
+                        findings.append(Finding(f"{p.source}/{p.name} {rel}", problem, severity))
+        finally:
+            self.close()
+        return findings
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _publish(placements: list[Placement], result: RestoreResult, repo: Repository, cfg: Config | None) -> None:

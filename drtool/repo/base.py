@@ -141,8 +141,11 @@ class Repository(abc.ABC):
         """Start a backup under a shared lock, waiting up to `wait` seconds for an exclusive one."""
 
     @abc.abstractmethod
-    def restore_tree(self, ref: dict, dest: Path, progress: Progress) -> RestoreStats:
-        """Write a stored folder into `dest` (which exists and is empty), checking every byte."""
+    def restore_tree(self, ref: dict, dest: Path, progress: Progress,
+                     on_folder_done: Callable[[Path], None] | None = None) -> RestoreStats:
+        """Write a stored folder into `dest` (which exists and is empty), checking every byte.
+        `on_folder_done(path)` is called for each top-level folder once all of it is written
+        (an engine that cannot tell may not call it at all), so checks can overlap the writing."""
 
     @abc.abstractmethod
     def read_stream(self, ref: dict) -> Iterator[bytes]:

@@ -24,7 +24,7 @@ import threading
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from drtool import __version__
 from drtool.errors import IntegrityError, ObjectNotFound, RepositoryError, SourceError
@@ -45,10 +45,19 @@ READERS = 3               # file-reading threads (I/O and hashing release the GI
 UPLOADERS = 2             # pack compress+upload threads (zstd releases the GIL)
 PACKS_IN_FLIGHT = 3       # sealed packs waiting for upload: bounds memory
 RESTORE_PACKS_AHEAD = 6   # packs fetched ahead of the restore writers: bounds memory
-WRITERS = 8               # restore threads creating files (file creation is latency, not CPU)
+WRITERS = 8                # restore threads creating files (file creation is latency, not CPU)
 WRITES_IN_FLIGHT = 256
 BATCH_FILES = 128         # small files per reader task
 BATCH_BYTES = 4 << 20
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
 
 
 def _canonical(doc: Any) -> bytes:
@@ -299,8 +308,11 @@ class NativeRepository(Repository):
             else:
                 yield entry["type"], path, entry
 
-    def restore_tree(self, ref: dict, dest: Path, progress: Progress) -> RestoreStats:
+    def restore_tree(self, ref: dict, dest: Path, progress: Progress,
+                     on_folder_done: Callable[[Path], None] | None = None) -> RestoreStats:
         stats = RestoreStats()
+        submitted = done = 0  # writes, in order; all up to `done` have finished
+        folders_waiting: collections.deque[tuple[int, Path]] = collections.deque()
         fetcher = _PackFetcher(self)
         writers = ThreadPoolExecutor(WRITERS, thread_name_prefix="drtool-write")
         writes: collections.deque[Future] = collections.deque()
@@ -328,18 +340,26 @@ class NativeRepository(Repository):
                     stats.dirs += 1
                 elif kind == "enddir":
                     dir_times.append((target, entry))
+                    if on_folder_done and "/" not in path:
+                        folders_waiting.append((submitted, target))
                 elif kind == "symlink":
                     os.symlink(entry["target"], target)
                 elif kind == "file":
                     writes.append(writers.submit(self._restore_file, target, path, entry, fetcher, progress))
+                    submitted += 1
                     stats.files += 1
                     stats.bytes_written += entry["size"]
                     while len(writes) > WRITES_IN_FLIGHT or (writes and writes[0].done()):
                         writes.popleft().result()
+                        done += 1
                 else:
                     raise IntegrityError(f"{path}: unknown entry type {kind!r} in tree")
+                while folders_waiting and folders_waiting[0][0] <= done:
+                    on_folder_done(folders_waiting.popleft()[1])
             while writes:
                 writes.popleft().result()
+            while folders_waiting:
+                on_folder_done(folders_waiting.popleft()[1])
             for target, entry in dir_times:
                 os.chmod(target, entry["mode"])
                 os.utime(target, ns=(entry["mtime_ns"], entry["mtime_ns"]))
@@ -349,7 +369,9 @@ class NativeRepository(Repository):
         return stats
 
     def _restore_file(self, target: Path, path: str, entry: dict, fetcher: "_PackFetcher", progress: Progress) -> None:
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        # Created with its final mode where the umask allows it: one chmod call fewer per file.
+        mode = entry["mode"]
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode & 0o777)
         try:
             whole = hashlib.sha256() if "sha256" in entry else None
             written = 0
@@ -365,7 +387,8 @@ class NativeRepository(Repository):
                 written += len(data)
             if written != entry["size"] or (whole and whole.hexdigest() != entry["sha256"]):
                 raise IntegrityError(f"{path}: restored content does not match the recorded size or SHA-256")
-            os.fchmod(fd, entry["mode"])
+            if mode & ~_UMASK != mode:
+                os.fchmod(fd, mode)
             os.utime(fd, ns=(entry["mtime_ns"], entry["mtime_ns"]))
         finally:
             os.close(fd)

@@ -393,7 +393,8 @@ class ResticRepository(Repository):
         return ResticBackup(self)
 
     # ---- restore ------------------------------------------------------------------------
-    def restore_tree(self, ref: dict, dest: Path, progress: Progress) -> RestoreStats:
+    def restore_tree(self, ref: dict, dest: Path, progress: Progress,
+                     on_folder_done=None) -> RestoreStats:
         rid = ref["restic_snapshot"]
         # --verify: restic reads every restored file back and checks it against its blobs.
         self._run("restore", rid, "--target", str(dest), "--verify", what=f"restore {rid[:8]}")

@@ -55,6 +55,6 @@ def restore_target(name: str, recorded_path: str, target_dir: Path | None, confi
     return Path(recorded_path)
 
 
-def restore_into(repo: Repository, ref: dict, staging: Path, label: str) -> RestoreStats:
+def restore_into(repo: Repository, ref: dict, staging: Path, label: str, on_folder_done=None) -> RestoreStats:
     with Progress(f"restore {label}", total_bytes=ref.get("bytes")) as progress:
-        return repo.restore_tree(ref, staging, progress)
+        return repo.restore_tree(ref, staging, progress, on_folder_done)
