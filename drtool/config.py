@@ -69,6 +69,8 @@ SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
         "parallel": (int, 0),
         "user": (str, ""),
         "extra_args": ("list[str]", []),
+        "incremental": (bool, False),
+        "full_every": (int, 6),
     },
     "blobstores": {},  # a table of name = path, checked below
     "files": {
@@ -133,6 +135,8 @@ class AerospikeConfig:
     parallel: int
     user: str
     extra_args: list[str]
+    incremental: bool = False  # records modified since the parent snapshot, plus the live digest set
+    full_every: int = 6        # incrementals before the next full backup
 
 
 @dataclass

@@ -330,6 +330,9 @@ def _publish(placements: list[Placement], result: RestoreResult, repo: Repositor
             from drtool.sources import aerospike
 
             done = aerospike.restore(repo, p.ref, cfg.aerospike, p.dsn.split(","))
+            if done.get("reconcile"):
+                log.info("UTXO store: %d records deleted that were not live at the snapshot",
+                         done["reconcile"].get("deleted", 0))
             result.files += done["records"]
             continue
         if p.kind == "database":

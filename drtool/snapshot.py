@@ -117,7 +117,8 @@ def take(cfg: Config, repo: Repository, *, tags: list[str] = (), only: list[str]
             for name in sources:
                 log.info("backing up %s", name)
                 parent_src = parent.sources.get(name) if parent else None
-                doc["sources"][name] = _backup_source(name, cfg, session, parent_src, doc)
+                doc["sources"][name] = _backup_source(name, cfg, session, parent_src, doc,
+                                                      parent.time if parent else None)
             best_at_end = _best_block_now(cfg, sources)
         doc["end_time"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds")
         doc["status"] = "complete" if cfg.node.quiesce in ("stop", "offline") else "fuzzy"
@@ -149,7 +150,8 @@ def _best_block_now(cfg: Config, sources: list[str]) -> dict | None:
     return postgres.current_best_block(cfg.postgres.dsn)
 
 
-def _backup_source(name: str, cfg: Config, session, parent_src: dict | None, doc: dict) -> dict:
+def _backup_source(name: str, cfg: Config, session, parent_src: dict | None, doc: dict,
+                   parent_time: dt.datetime | None = None) -> dict:
     if name == "blobstores":
         return blobstore.backup(session, cfg.blobstores, cfg.node.data_dir, parent_src)
     if name == "files":
@@ -164,7 +166,7 @@ def _backup_source(name: str, cfg: Config, session, parent_src: dict | None, doc
     if name == "aerospike":
         from drtool.sources import aerospike
 
-        return aerospike.backup(session, cfg.aerospike)
+        return aerospike.backup(session, cfg.aerospike, parent_src, parent_time)
     raise ConfigError(f"unknown source {name}")
 
 

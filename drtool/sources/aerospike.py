@@ -16,6 +16,7 @@ are disjoint digest ranges, so a set is built, stored and compared one partition
 from __future__ import annotations
 
 import collections
+import io
 import logging
 import os
 import selectors
@@ -27,7 +28,7 @@ import threading
 import time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any, BinaryIO, Callable, Iterable, Iterator
 
 import zstandard
@@ -1037,46 +1038,121 @@ def _pump_writes(produce: Callable[[BinaryIO], Any], max_chunks: int = 8) -> tup
     return chunks(), result
 
 
-def backup(session, aero_cfg) -> dict[str, Any]:
-    """Back up the UTXO store as one .asb stream; returns the manifest's `aerospike` source."""
+INCREMENTAL_MARGIN = 300  # seconds before the parent's start: clocks differ, records may be re-sent
+
+
+def _chain_of(parent_src: dict | None) -> list[tuple[str, dict]]:
+    """The full + incremental streams a parent snapshot's UTXO store is made of, in order."""
+    items = (parent_src or {}).get("items", {})
+    return sorted((k, v) for k, v in items.items() if k != "live-digests")
+
+
+def _store_asb(session, engine, name: str, progress, modified_after: datetime | None) -> dict[str, Any]:
+    if isinstance(engine, ToolEngine):
+        counter = SetCounter()
+        with engine.backup_stream(modified_after) as stream:
+            ref = session.store_stream(name, counter.wrap(stream), progress)
+        counts = counter.counts
+    else:
+        pieces, result = _pump_writes(lambda f: engine.backup(f, modified_after=modified_after))
+        ref = session.store_stream(name, pieces, progress)
+        counts = result["value"]["sets"]
+    return {**ref, "record_counts": counts, "records": sum(counts.values())}
+
+
+def backup(session, aero_cfg, parent_src: dict | None = None, parent_time: datetime | None = None) -> dict[str, Any]:
+    """Back up the UTXO store as .asb; returns the manifest's `aerospike` source.
+
+    With `[aerospike] incremental`, a snapshot whose parent holds a chain shorter than
+    `full_every` stores only records modified since the parent started, plus the digest set of
+    every live record, so a restore of the chain deletes what was deleted in between."""
     from drtool.progress import Progress
 
     engine = make_engine(aero_cfg)
     source: dict[str, Any] = {"engine": aero_cfg.engine, "namespace": aero_cfg.namespace,
-                              "set": aero_cfg.set or None, "hosts": list(aero_cfg.hosts)}
-    with Progress("backup aerospike") as progress:
-        if isinstance(engine, ToolEngine):
-            source.update(engine.versions())
-            counter = SetCounter()
-            with engine.backup_stream() as stream:
-                ref = session.store_stream("aerospike.asb", counter.wrap(stream), progress)
-            source["record_counts"] = counter.counts
-        else:
-            source.update(engine.versions())
-            pieces, result = _pump_writes(engine.backup)
+                              "set": aero_cfg.set or None, "hosts": list(aero_cfg.hosts), **engine.versions()}
+    chain = _chain_of(parent_src) if aero_cfg.incremental else []
+    incremental = bool(chain) and parent_time is not None and len(chain) <= aero_cfg.full_every \
+        and (parent_src or {}).get("engine") == aero_cfg.engine
+    since = parent_time - timedelta(seconds=INCREMENTAL_MARGIN) if incremental else None
+    try:
+        with Progress("backup aerospike" + (" (incremental)" if incremental else "")) as progress:
+            ref = _store_asb(session, engine, "aerospike.asb", progress, since)
+            if not aero_cfg.incremental:
+                return {**ref, **source}
+            native = engine if isinstance(engine, NativeEngine) else NativeEngine(
+                aero_cfg.hosts, aero_cfg.namespace, aero_cfg.set or None, user=aero_cfg.user or None,
+                password=os.environ.get(PASSWORD_ENV))
             try:
-                ref = session.store_stream("aerospike.asb", pieces, progress)
+                pieces, _ = _pump_writes(lambda f: write_digest_set(native.live_digests(), f))
+                digests = session.store_stream("aerospike.digests", pieces, progress)
             finally:
-                engine.close()
-            source["record_counts"] = result["value"]["sets"]
-    source["records"] = sum(source["record_counts"].values())
-    return {**ref, **source}
+                native.close()
+    finally:
+        if isinstance(engine, NativeEngine):
+            engine.close()
+    items = dict(chain if incremental else [])
+    kind = "incremental" if incremental else "full"
+    items[f"{len(items):03d}-{kind}"] = {**ref, "modified_after": since.isoformat() if since else None}
+    items["live-digests"] = digests
+    return {"items": items, **source, "mode": kind, "record_counts": ref["record_counts"],
+            "records": ref["records"]}
 
 
-def restore(repo, ref: dict, aero_cfg, hosts: list[str] | None, *, replace: bool = True) -> dict[str, Any]:
-    """Write a stored .asb stream into a cluster and compare record counts with the backup's."""
-    engine = make_engine(aero_cfg, hosts)
+class _IterReader(io.RawIOBase):
+    """A readable file over an iterator of byte chunks (for readers that want a file)."""
+
+    def __init__(self, chunks: Iterable[bytes]):
+        self._chunks = iter(chunks)
+        self._buf = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        while not self._buf:
+            self._buf = next(self._chunks, b"")
+            if not self._buf:
+                return 0
+        n = min(len(b), len(self._buf))
+        b[:n] = self._buf[:n]
+        self._buf = self._buf[n:]
+        return n
+
+
+def _restore_one(repo, ref: dict, engine, replace: bool) -> int:
     counter = SetCounter("aerospike restore")
     chunks = counter.wrap(repo.read_stream(ref))
     if isinstance(engine, ToolEngine):
         engine.restore_from_stream(chunks, replace=replace)
     else:
-        try:
-            engine.restore(chunks, existing="replace" if replace else "create")
-        finally:
-            engine.close()
+        engine.restore(chunks, existing="replace" if replace else "create")
     expected = ref.get("record_counts", {})
     if counter.counts != expected:
         raise SourceError(f"aerospike restore: the stream held {counter.counts} records per set, "
                           f"the backup recorded {expected}")
-    return {"records": sum(counter.counts.values()), "record_counts": counter.counts}
+    return sum(counter.counts.values())
+
+
+def restore(repo, src: dict, aero_cfg, hosts: list[str] | None, *, replace: bool = True) -> dict[str, Any]:
+    """Write the stored UTXO store into a cluster: one stream, or a chain applied in order and
+    reconciled with the live digest set recorded at the last link (no resurrected records)."""
+    engine = make_engine(aero_cfg, hosts)
+    try:
+        if "items" not in src:
+            return {"records": _restore_one(repo, src, engine, replace)}
+        records = 0
+        for _key, ref in _chain_of(src):
+            records += _restore_one(repo, ref, engine, replace)
+        native = engine if isinstance(engine, NativeEngine) else NativeEngine(
+            hosts or aero_cfg.hosts, aero_cfg.namespace, aero_cfg.set or None, user=aero_cfg.user or None,
+            password=os.environ.get(PASSWORD_ENV))
+        try:
+            stats = native.reconcile(io.BufferedReader(_IterReader(repo.read_stream(src["items"]["live-digests"]))))
+        finally:
+            if native is not engine:
+                native.close()
+        return {"records": records, "reconcile": stats}
+    finally:
+        if isinstance(engine, NativeEngine):
+            engine.close()
