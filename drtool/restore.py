@@ -238,6 +238,12 @@ def _stage_database(cfg: Config | None, repo: Repository, p: Placement, force: b
     from drtool.sources import postgres
 
     pg = cfg.postgres if cfg else None
+    if pg and pg.jobs > 1 and cfg.policy_file:
+        # pg_restore -j spools the dump: refuse before the spool would cross the critical threshold.
+        from drtool.disk import check_spool
+        from drtool.policy import load_policy
+
+        check_spool(cfg.node.state_dir, int(p.ref.get("size", 0)), load_policy(cfg.policy_file).disk)
     try:
         p.staged_db = postgres.stage_restore(
             repo.read_stream(p.ref), p.dsn, jobs=pg.jobs if pg else 1, force=force,

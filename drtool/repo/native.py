@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import datetime as dt
+import errno
 import hashlib
 import json
 import logging
@@ -41,12 +42,13 @@ log = logging.getLogger(__name__)
 FORMAT_NAME = "drtool-native"
 PACK_SIZE = 8 << 20       # raw bytes per pack before it is sealed
 INDEX_EVERY = 32          # packs per intermediate index object (what a killed backup can reuse)
-READERS = 3               # file-reading threads (I/O and hashing release the GIL)
+READERS = 2               # file-reading threads (I/O and hashing release the GIL)
 UPLOADERS = 2             # pack compress+upload threads (zstd releases the GIL)
 PACKS_IN_FLIGHT = 3       # sealed packs waiting for upload: bounds memory
 RESTORE_PACKS_AHEAD = 6   # packs fetched ahead of the restore writers: bounds memory
 WRITERS = 8                # restore threads creating files (file creation is latency, not CPU)
 WRITES_IN_FLIGHT = 256
+DIRS_AHEAD = 64           # scanned directories waiting for their files to be read
 BATCH_FILES = 128         # small files per reader task
 BATCH_BYTES = 4 << 20
 
@@ -603,6 +605,22 @@ class _Packer:
             self._submit(sealed)
         return True
 
+    def add_many(self, blobs: list[tuple[str, str, bytes]]) -> None:
+        """add() for a batch, under one acquisition of the lock."""
+        sealed_packs = []
+        with self.lock:
+            for kind, blob_id, data in blobs:
+                if blob_id in self.pending or (self.dedupe_with_index and blob_id in self.repo.index):
+                    continue
+                self.pending.add(blob_id)
+                self.buffers[kind].append((kind, blob_id, data))
+                self.sizes[kind] += len(data)
+                if self.sizes[kind] >= PACK_SIZE:
+                    sealed_packs.append(self.buffers[kind])
+                    self.buffers[kind], self.sizes[kind] = [], 0
+        for sealed in sealed_packs:
+            self._submit(sealed)
+
     def _submit(self, blobs: list) -> None:
         self._raise_failed()
         self.slots.acquire()
@@ -669,6 +687,21 @@ class _Packer:
                 pass
 
 
+class _PendingDir:
+    """A scanned directory whose files are being read; its tree id once built."""
+
+    __slots__ = ("items", "counts", "tree_id", "vanished")
+
+    def __init__(self, counts: dict):
+        self.items: list[Any] = []
+        self.counts = counts
+        self.tree_id: str | None = None
+        self.vanished = False
+
+    def ready(self) -> bool:
+        return all(item.done() for item in self.items if isinstance(item, Future))
+
+
 class NativeBackup(BackupSession):
     def __init__(self, repo: NativeRepository, lock: RepositoryLock):
         self.repo = repo
@@ -686,26 +719,32 @@ class NativeBackup(BackupSession):
         parent_root = (parent_ref or {}).get("tree")
         if parent_root and parent_root not in self.repo.index:
             parent_root = None
-        root_id = self._store_dir(spec, str(spec.root), "", parent_root, progress, counts)
-        return {"tree": root_id, **counts}
+        queue: collections.deque[_PendingDir] = collections.deque()
+        root = self._store_dir(spec, str(spec.root), "", parent_root, progress, counts, queue)
+        self._finish_dirs(queue, 0)
+        return {"tree": root.tree_id, **counts}
 
-    def _store_dir(self, spec: TreeSpec, path: str, rel: str, parent_id: str | None,
-                   progress: Progress, counts: dict) -> str | None:
+    def _store_dir(self, spec: TreeSpec, path: str, rel: str, parent_id: str | None, progress: Progress,
+                   counts: dict, queue: "collections.deque[_PendingDir]") -> "_PendingDir":
+        """Scan one directory and hand its files to the readers; its tree is built later, in
+        walk order (children before parents), so the readers work across directories."""
+        pending = _PendingDir(counts)
         try:
             with os.scandir(path) as it:
                 dir_entries = sorted(it, key=lambda e: e.name)
         except FileNotFoundError:
             if not rel:
                 raise SourceError(f"blob store {spec.name}: {path}: no such directory") from None
-            return None  # removed while we walked: gone, like a deleted file
+            pending.vanished = True  # removed while we walked: gone, like a deleted file
+            return pending
         parent = {}
         if parent_id:
             try:
                 parent = {e["name"]: e for e in self.repo.load_tree(parent_id, f"parent tree {spec.name}/{rel}")}
             except (IntegrityError, RepositoryError) as exc:
                 log.warning("%s; reading %s/%s again in full", exc, spec.name, rel)
-        items: list[Any] = []  # entries, and futures giving lists of entries, in name order
-        batch: list[tuple[str, str]] = []
+        items = pending.items  # entries, subdirectories and futures of entry lists, in name order
+        batch: list[tuple[str, str, os.stat_result]] = []
         batch_bytes = 0
         for de in dir_entries:
             relpath = f"{rel}/{de.name}" if rel else de.name
@@ -720,11 +759,9 @@ class NativeBackup(BackupSession):
                     st = de.stat(follow_symlinks=False)
                     pe = parent.get(de.name)
                     sub = self._store_dir(spec, de.path, relpath, pe["subtree"] if pe and pe["type"] == "dir" else None,
-                                          progress, counts)
-                    if sub is not None:
-                        counts["dirs"] += 1
-                        items.append({"name": de.name, "type": "dir", "mode": st.st_mode & 0o7777,
-                                      "mtime_ns": st.st_mtime_ns, "subtree": sub})
+                                          progress, counts, queue)
+                    items.append(({"name": de.name, "type": "dir", "mode": st.st_mode & 0o7777,
+                                   "mtime_ns": st.st_mtime_ns}, sub))
                 elif de.is_file(follow_symlinks=False):
                     if spec.exclude(relpath, False):
                         continue
@@ -737,11 +774,11 @@ class NativeBackup(BackupSession):
                             self.stats.files_unchanged += 1
                         progress.advance(files=1, nbytes=st.st_size)
                     elif st.st_size >= chunker.SINGLE_BLOB_LIMIT:
-                        items.append(self.readers.submit(self._store_files, [(de.path, de.name)], progress))
+                        items.append(self.readers.submit(self._store_files, [(de.path, de.name, st)], progress))
                     else:
                         # Small files go to the readers in batches: one task per file costs more
                         # than reading the file.
-                        batch.append((de.path, de.name))
+                        batch.append((de.path, de.name, st))
                         batch_bytes += st.st_size
                         if len(batch) >= BATCH_FILES or batch_bytes >= BATCH_BYTES:
                             items.append(self.readers.submit(self._store_files, batch, progress))
@@ -751,23 +788,94 @@ class NativeBackup(BackupSession):
                     self.stats.files_vanished += 1
         if batch:
             items.append(self.readers.submit(self._store_files, batch, progress))
+        queue.append(pending)
+        self._finish_dirs(queue, DIRS_AHEAD)
+        return pending
+
+    def _finish_dirs(self, queue: "collections.deque[_PendingDir]", keep: int) -> None:
+        """Build the trees of scanned directories, oldest first, until at most `keep` wait
+        (a bound on the futures and entries held in memory)."""
+        while queue and (len(queue) > keep or queue[0].ready()):
+            pending = queue.popleft()
+            pending.tree_id = self._tree_of(pending)
+
+    def _tree_of(self, pending: "_PendingDir") -> str:
         entries = []
-        for item in items:
+        for item in pending.items:
+            if isinstance(item, tuple):  # a subdirectory: finished before us (walk order)
+                entry, sub = item
+                if not sub.vanished:
+                    pending.counts["dirs"] += 1
+                    entries.append({**entry, "subtree": sub.tree_id})
+                continue
             for entry in (item.result() if isinstance(item, Future) else [item]):
                 if entry is None:
                     continue
                 if entry["type"] == "file":
-                    counts["files"] += 1
-                    counts["bytes"] += entry["size"]
+                    pending.counts["files"] += 1
+                    pending.counts["bytes"] += entry["size"]
                 entries.append(entry)
+        pending.items = []
         entries.sort(key=lambda e: e["name"])
         data = _canonical({"entries": entries})
         tree_id = _sha(data)
         self.packer.add(pack.TREE, tree_id, data)
         return tree_id
 
-    def _store_files(self, files: list[tuple[str, str]], progress: Progress) -> list[dict | None]:
-        return [self._store_file(path, name, progress) for path, name in files]
+    def _store_files(self, files: list[tuple[str, str, os.stat_result]], progress: Progress) -> list[dict | None]:
+        """Read a batch of files; small ones on a fast path whose blobs reach the packer in one
+        call, so reader threads hand the GIL and the packer's lock around once per batch."""
+        out: list[dict | None] = []
+        blobs: list[tuple[str, str, bytes]] = []
+        new = nbytes = vanished = 0
+        for path, name, st in files:
+            if st.st_size >= chunker.SINGLE_BLOB_LIMIT:
+                out.append(self._store_file(path, name, progress))
+                continue
+            found = self._read_small(path, st)
+            if found is None:
+                vanished += 1
+                out.append(None)
+                continue
+            data, after = found
+            blob_id = _sha(data)
+            blobs.append((pack.DATA, blob_id, data))
+            out.append({"name": name, "type": "file", "size": len(data), "mtime_ns": after.st_mtime_ns,
+                        "mode": after.st_mode & 0o7777, "content": [blob_id]})
+            new += 1
+            nbytes += len(data)
+        self.packer.add_many(blobs)
+        with self._stats_lock:
+            self.stats.files_new += new
+            self.stats.bytes_read += nbytes
+            self.stats.files_vanished += vanished
+        progress.advance(files=new, nbytes=nbytes)
+        return out
+
+    @staticmethod
+    def _read_small(path: str, before: os.stat_result) -> tuple[bytes, os.stat_result] | None:
+        """A small file's bytes, as one unchanged version: the size and mtime seen by the walk
+        (or the last attempt) must hold after the read. None if it is gone."""
+        for _attempt in range(3):
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except FileNotFoundError:
+                return None
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:  # replaced by a symlink since the walk: not followed
+                    log.warning("%s became a symlink while the backup ran: left out", path)
+                    return None
+                raise
+            try:
+                data = os.read(fd, before.st_size + 1)
+                after = os.fstat(fd)
+            finally:
+                os.close(fd)
+            if len(data) == after.st_size == before.st_size and after.st_mtime_ns == before.st_mtime_ns:
+                return data, after
+            log.warning("%s changed while being read; reading it again", path)
+            before = after
+        raise SourceError(f"{path}: changed while being read, 3 times; not stored as a mixed file")
 
     def _store_file(self, path: str, name: str, progress: Progress) -> dict | None:
         for _attempt in range(3):
