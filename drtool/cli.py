@@ -155,9 +155,11 @@ def snapshots(state: State, tags: tuple[str, ...]) -> None:
 @click.option("--aerospike", "aerospike_host", metavar="HOST:PORT", help="Restore the UTXO store into this cluster.")
 @click.option("--only", "only", multiple=True, help="Only these sources.")
 @click.option("--force", is_flag=True, help="Restore over non-empty targets (their content is moved aside).")
+@click.option("--no-teranode-checks", is_flag=True,
+              help="Check bytes only (SHA-256 of everything), not Teranode's hashes: faster; a drill still checks them.")
 @click.pass_obj
 def restore(state: State, snapshot_ref: str, target_dir: Path | None, pg_dsn: str | None,
-            aerospike_host: str | None, only: tuple[str, ...], force: bool) -> None:
+            aerospike_host: str | None, only: tuple[str, ...], force: bool, no_teranode_checks: bool) -> None:
     """Rebuild a node's data from SNAPSHOT (an id, a unique prefix, or `latest`)."""
     from drtool import restore as restore_mod
 
@@ -166,6 +168,7 @@ def restore(state: State, snapshot_ref: str, target_dir: Path | None, pg_dsn: st
     cfg = state.config
     result = restore_mod.restore(cfg, repo, snap, target_dir=target_dir.resolve() if target_dir else None,
                                  only=_split_only(only), force=force, pg_dsn=pg_dsn,
+                                 check_teranode=not no_teranode_checks,
                                  aerospike_hosts=aerospike_host.split(",") if aerospike_host else None)
 
     def human() -> None:
