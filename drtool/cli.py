@@ -495,12 +495,15 @@ def init(state: State, settings_path: Path | None, context: str | None, data_dir
 @click.option("--tx-files", default=3000, show_default=True)
 @click.option("--subtrees", default=12, show_default=True)
 @click.option("--blocks", default=10, show_default=True)
+@click.option("--no-postgres", is_flag=True, help="Leave PostgreSQL out even when it is installed.")
 @click.pass_obj
-def demo(state: State, directory: Path, seed: int, tx_files: int, subtrees: int, blocks: int) -> None:
-    """Build a sample node, back it up, verify, restore into a fresh folder, verify again."""
+def demo(state: State, directory: Path, seed: int, tx_files: int, subtrees: int, blocks: int, no_postgres: bool) -> None:
+    """Build a sample node, back it up, verify, restore into a fresh folder, verify again.
+    With PostgreSQL installed, the node's chain lives in a throwaway cluster and is restored too."""
     from drtool import demo as demo_mod
 
-    summary = demo_mod.run(directory.resolve(), seed=seed, tx_files=tx_files, subtrees=subtrees, blocks=blocks)
+    summary = demo_mod.run(directory.resolve(), seed=seed, tx_files=tx_files, subtrees=subtrees, blocks=blocks,
+                           postgres=not no_postgres)
     state.emit(summary, lambda: click.echo(demo_mod.render(summary)))
     if not summary["ok"]:
         sys.exit(1)
