@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import logging
+import os
 import socket
 import time
 from dataclasses import dataclass
@@ -96,7 +97,7 @@ def take(cfg: Config, repo: Repository, *, tags: list[str] = (), only: list[str]
     now = dt.datetime.now(dt.timezone.utc)
     doc: dict[str, Any] = {
         "version": 1, "tool": f"drtool {__version__}", "node": cfg.node.name,
-        "hostname": socket.gethostname(), "time": now.isoformat(timespec="microseconds"),
+        "hostname": socket.gethostname(), "pid": os.getpid(), "time": now.isoformat(timespec="microseconds"),
         "tags": sorted(set(tags)), "parent": parent.id if parent else None,
         "quiesce": cfg.node.quiesce, "sources": {},
     }
