@@ -83,8 +83,7 @@ class NativeRepository(Repository):
         self.url = store.url
         self.level = compression_level
         self.config = self._read_config()
-        self.index = BlobIndex()
-        self._load_index()
+        self._index: BlobIndex | None = None  # loaded when first needed, again after a lock is taken
         self._body_cache: collections.OrderedDict[str, bytes] = collections.OrderedDict()
         self._cache_lock = threading.Lock()
 
@@ -120,22 +119,29 @@ class NativeRepository(Repository):
                                   f"is not supported by drtool {__version__} (it knows version {FORMAT_VERSION})")
         return doc
 
+    @property
+    def index(self) -> BlobIndex:
+        if self._index is None:
+            self._index = self._load_index()
+        return self._index
+
     def refresh(self) -> None:
-        """Forget what was read before a lock was taken: load the index again."""
-        self.index = BlobIndex()
-        self._load_index()
+        """Forget what was read before a lock was taken: the index is read again when needed."""
+        self._index = None
         with self._cache_lock:
             self._body_cache.clear()
 
-    def _load_index(self) -> None:
+    def _load_index(self) -> BlobIndex:
+        index = BlobIndex()
         for info in self.store.list("index/"):
             try:
                 for pack_key, size, entries in decode_index(self.store.get(info.key)):
-                    self.index.add_pack(pack_key, size, entries)
+                    index.add_pack(pack_key, size, entries)
             except ObjectNotFound:  # removed by a concurrent prune: its packs are in a newer index
                 continue
             except Exception as exc:
                 log.warning("index object %s is unreadable (%s): ignored", info.key, exc)
+        return index
 
     def recover_unindexed_packs(self) -> int:
         """Index packs a killed backup uploaded but never listed, so the next run reuses them."""
