@@ -17,7 +17,7 @@ import click
 
 from drtool import __version__, secrets
 from drtool.errors import ConfigError, DrtoolError
-from drtool.progress import Progress
+from drtool.progress import Progress, human_bytes
 
 log = logging.getLogger("drtool")
 
@@ -107,12 +107,12 @@ def backup(state: State, tags: tuple[str, ...], only: tuple[str, ...], dry_run: 
         s = result.stats
         if result.manifest is None:
             click.echo(f"dry run: {s.files_new} files to read, {s.files_unchanged} unchanged, "
-                       f"{_human(s.bytes_read)} read, about {_human(s.bytes_stored)} to store")
+                       f"{human_bytes(s.bytes_read)} read, about {human_bytes(s.bytes_stored)} to store")
             return
         m = result.manifest
         click.echo(f"snapshot {m.id[:8]} saved ({m.status}) in {result.seconds:.1f}s: "
-                   f"{s.files_new} new files, {s.files_unchanged} unchanged, {_human(s.bytes_read)} read, "
-                   f"{_human(s.bytes_stored)} stored")
+                   f"{s.files_new} new files, {s.files_unchanged} unchanged, {human_bytes(s.bytes_read)} read, "
+                   f"{human_bytes(s.bytes_stored)} stored")
         if m.status == "fuzzy":
             click.echo("  fuzzy: taken while the node ran (quiesce = \"none\"); a node restored from it "
                        "needs a resync")
@@ -137,7 +137,7 @@ def snapshots(state: State, tags: tuple[str, ...]) -> None:
         for s in snaps:
             best = s.doc.get("best_block") or {}
             height = best.get("height", "-") if isinstance(best, dict) else "-"
-            click.echo(f"{s.id[:8]}  {s.doc['time'][:19]}  {s.status:<8}  {_human(s.doc.get('size', 0)):>10}  "
+            click.echo(f"{s.id[:8]}  {s.doc['time'][:19]}  {s.status:<8}  {human_bytes(s.doc.get('size', 0)):>10}  "
                        f"height {height!s:<8}  {','.join(sorted(s.sources))}  {','.join(s.tags)}")
         missing = [name for name in ("postgres", "aerospike", "blobstores", "files") if name not in configured]
         if missing:
@@ -172,7 +172,7 @@ def restore(state: State, snapshot_ref: str, target_dir: Path | None, pg_dsn: st
                                  aerospike_hosts=aerospike_host.split(",") if aerospike_host else None)
 
     def human() -> None:
-        click.echo(f"restored snapshot {snap.id[:8]}: {result.files} files, {_human(result.bytes)}")
+        click.echo(f"restored snapshot {snap.id[:8]}: {result.files} files, {human_bytes(result.bytes)}")
         for p in result.placements:
             click.echo(f"  {p.source}/{p.name} -> {p.final}")
         for aside in result.moved_aside:
@@ -286,7 +286,7 @@ def prune(state: State, dry_run: bool, break_lock: bool, policy_path: Path | Non
         click.echo(f"{verb} {len(result.forgotten)} of {len(result.decisions)} snapshots")
         if result.garbage:
             g = result.garbage
-            click.echo(f"garbage: {g.get('objects_deleted', 0)} objects deleted, {_human(g.get('bytes_freed', 0))} freed, "
+            click.echo(f"garbage: {g.get('objects_deleted', 0)} objects deleted, {human_bytes(g.get('bytes_freed', 0))} freed, "
                        f"{g.get('packs_repacked', 0)} packs repacked")
 
     state.emit(result.as_dict(), human)
@@ -333,15 +333,15 @@ def disk(state: State, enforce: bool, policy_path: Path | None, best_height: int
     def human() -> None:
         for fs in result.filesystems():
             u = fs[0].usage
-            click.echo(f"{fs[0].status:<8} {u.mount}: {u.used_percent:.1f}% used, {_human(u.free)} free of "
-                       f"{_human(u.total)}, inodes {u.inode_percent:.1f}%")
+            click.echo(f"{fs[0].status:<8} {u.mount}: {u.used_percent:.1f}% used, {human_bytes(u.free)} free of "
+                       f"{human_bytes(u.total)}, inodes {u.inode_percent:.1f}%")
             for p in fs:
                 click.echo(f"           {p.watched.path} ({p.watched.role})")
         for p in result.paths:
             if not p.usage.exists:
                 click.echo(f"missing  {p.watched.path} ({p.watched.role}): {p.usage.error}")
         for a in result.actions:
-            click.echo(f"  did: {a.action} on {a.mount}: {a.items} items, {_human(a.bytes)} ({a.detail})")
+            click.echo(f"  did: {a.action} on {a.mount}: {a.items} items, {human_bytes(a.bytes)} ({a.detail})")
         for f in result.findings:
             click.echo(f"  {f.severity}: {f}")
 
@@ -507,14 +507,6 @@ def demo(state: State, directory: Path, seed: int, tx_files: int, subtrees: int,
     state.emit(summary, lambda: click.echo(demo_mod.render(summary)))
     if not summary["ok"]:
         sys.exit(1)
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def main(argv: list[str] | None = None) -> None:

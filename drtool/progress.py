@@ -18,7 +18,8 @@ log = logging.getLogger("drtool.progress")
 LOG_EVERY_SECONDS = 10.0
 
 
-def _human(n: float) -> str:
+def human_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB'."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -66,10 +67,10 @@ class Progress:
 
     def line(self) -> str:
         elapsed = max(time.monotonic() - self._started, 1e-6)
-        done = _human(self.nbytes)
+        done = human_bytes(self.nbytes)
         if self.total_bytes:
-            done += f" of {_human(self.total_bytes)} ({100 * self.nbytes / self.total_bytes:.0f} %)"
-        return f"{self.label}: {self.files} files, {done}, {_human(self.nbytes / elapsed)}/s"
+            done += f" of {human_bytes(self.total_bytes)} ({100 * self.nbytes / self.total_bytes:.0f} %)"
+        return f"{self.label}: {self.files} files, {done}, {human_bytes(self.nbytes / elapsed)}/s"
 
     def __exit__(self, *exc) -> None:
         if self._bar is not None:

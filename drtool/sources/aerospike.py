@@ -1041,6 +1041,14 @@ def _pump_writes(produce: Callable[[BinaryIO], Any], max_chunks: int = 8) -> tup
 INCREMENTAL_MARGIN = 300  # seconds before the parent's start: clocks differ, records may be re-sent
 
 
+def _native_for(engine, aero_cfg, hosts: list[str] | None) -> "NativeEngine":
+    """The client that reads the live digest set: the engine itself, or one beside the tool."""
+    if isinstance(engine, NativeEngine):
+        return engine
+    return NativeEngine(hosts or aero_cfg.hosts, aero_cfg.namespace, aero_cfg.set or None,
+                        user=aero_cfg.user or None, password=os.environ.get(PASSWORD_ENV))
+
+
 def _chain_of(parent_src: dict | None) -> list[tuple[str, dict]]:
     """The full + incremental streams a parent snapshot's UTXO store is made of, in order."""
     items = (parent_src or {}).get("items", {})
@@ -1080,14 +1088,13 @@ def backup(session, aero_cfg, parent_src: dict | None = None, parent_time: datet
             ref = _store_asb(session, engine, "aerospike.asb", progress, since)
             if not aero_cfg.incremental:
                 return {**ref, **source}
-            native = engine if isinstance(engine, NativeEngine) else NativeEngine(
-                aero_cfg.hosts, aero_cfg.namespace, aero_cfg.set or None, user=aero_cfg.user or None,
-                password=os.environ.get(PASSWORD_ENV))
+            native = _native_for(engine, aero_cfg, None)
             try:
                 pieces, _ = _pump_writes(lambda f: write_digest_set(native.live_digests(), f))
                 digests = session.store_stream("aerospike.digests", pieces, progress)
             finally:
-                native.close()
+                if native is not engine:
+                    native.close()
     finally:
         if isinstance(engine, NativeEngine):
             engine.close()
@@ -1144,9 +1151,7 @@ def restore(repo, src: dict, aero_cfg, hosts: list[str] | None, *, replace: bool
         records = 0
         for _key, ref in _chain_of(src):
             records += _restore_one(repo, ref, engine, replace)
-        native = engine if isinstance(engine, NativeEngine) else NativeEngine(
-            hosts or aero_cfg.hosts, aero_cfg.namespace, aero_cfg.set or None, user=aero_cfg.user or None,
-            password=os.environ.get(PASSWORD_ENV))
+        native = _native_for(engine, aero_cfg, hosts)
         try:
             stats = native.reconcile(io.BufferedReader(_IterReader(repo.read_stream(src["items"]["live-digests"]))))
         finally:
