@@ -58,6 +58,7 @@ SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
         "pg_dump": (str, ""),
         "pg_restore": (str, ""),
         "jobs": (int, 1),
+        "compression_level": (int, 1),
     },
     "aerospike": {
         "hosts": ("list[str]", REQUIRED),
@@ -122,6 +123,7 @@ class PostgresConfig:
     pg_dump: str
     pg_restore: str
     jobs: int
+    compression_level: int = 1  # pg_dump's hex text: zstd 1 compresses it as well as 3, 4x faster
 
 
 @dataclass
@@ -317,6 +319,8 @@ def parse(data: dict[str, Any], path: Path, env: dict[str, str] | None = None) -
         cfg.files = [(data_dir / os.path.expanduser(p)).resolve() for p in values["files"]["paths"]]
     if "postgres" in values:
         pg = values["postgres"]
+        if not 1 <= pg["compression_level"] <= 22:
+            raise ConfigError(f"{name}: [postgres] compression_level: expected 1..22, got {pg['compression_level']}")
         secrets.register(_dsn_password(pg["dsn"]))
         cfg.postgres = PostgresConfig(**pg)
     if "aerospike" in values:

@@ -160,7 +160,8 @@ def _backup_source(name: str, cfg: Config, session, parent_src: dict | None, doc
     if name == "postgres":
         from drtool.sources import postgres
 
-        src = postgres.backup(session, cfg.postgres.dsn, pg_dump=cfg.postgres.pg_dump or None)
+        src = postgres.backup(session, cfg.postgres.dsn, pg_dump=cfg.postgres.pg_dump or None,
+                              level=cfg.postgres.compression_level)
         if src.get("best_block"):
             doc["best_block"] = src["best_block"]  # read in the dump's own transaction snapshot
         return src

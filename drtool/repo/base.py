@@ -103,8 +103,9 @@ class BackupSession(abc.ABC):
         """Back up a folder; returns the reference for the manifest (with files/bytes counts)."""
 
     @abc.abstractmethod
-    def store_stream(self, name: str, pieces: Iterable[bytes], progress: Progress) -> dict:
-        """Back up a byte stream; returns its reference (with size and sha256)."""
+    def store_stream(self, name: str, pieces: Iterable[bytes], progress: Progress, level: int | None = None) -> dict:
+        """Back up a byte stream; returns its reference (with size and sha256). `level` overrides
+        the repository's compression level for it (engines without levels ignore it)."""
 
     @abc.abstractmethod
     def commit(self, doc: dict[str, Any]) -> Manifest:

@@ -587,6 +587,7 @@ class _Packer:
         self.stats = stats
         self.buffers: dict[str, list] = {pack.DATA: [], pack.TREE: []}
         self.sizes = {pack.DATA: 0, pack.TREE: 0}
+        self.level = repo.level  # for packs sealed from now on (a stream may ask for another)
         self.pending: set[str] = set()
         self.lock = threading.Lock()
         self.pool = ThreadPoolExecutor(UPLOADERS, thread_name_prefix="drtool-upload")
@@ -608,7 +609,7 @@ class _Packer:
             if self.sizes[kind] >= PACK_SIZE:
                 sealed, self.buffers[kind], self.sizes[kind] = self.buffers[kind], [], 0
         if sealed:
-            self._submit(sealed)
+            self._submit(sealed, self.level)
         return True
 
     def add_many(self, blobs: list[tuple[str, str, bytes]]) -> None:
@@ -625,13 +626,13 @@ class _Packer:
                     sealed_packs.append(self.buffers[kind])
                     self.buffers[kind], self.sizes[kind] = [], 0
         for sealed in sealed_packs:
-            self._submit(sealed)
+            self._submit(sealed, self.level)
 
-    def _submit(self, blobs: list) -> None:
+    def _submit(self, blobs: list, level: int) -> None:
         self._raise_failed()
         self.slots.acquire()
         try:
-            self.futures.append(self.pool.submit(self._upload, blobs))
+            self.futures.append(self.pool.submit(self._upload, blobs, level))
         except BaseException:
             self.slots.release()
             raise
@@ -641,9 +642,9 @@ class _Packer:
             fut.result()  # re-raises an upload error in the backup's thread
             self.futures.remove(fut)
 
-    def _upload(self, blobs: list) -> None:
+    def _upload(self, blobs: list, level: int) -> None:
         try:
-            obj, entries = pack.encode(blobs, self.repo.level)
+            obj, entries = pack.encode(blobs, level)
             if self.dry_run:
                 with self.lock:
                     self.stats.bytes_stored += len(obj)
@@ -675,7 +676,7 @@ class _Packer:
             with self.lock:
                 sealed, self.buffers[kind], self.sizes[kind] = self.buffers[kind], [], 0
             if sealed:
-                self._submit(sealed)
+                self._submit(sealed, self.level)
         for fut in self.futures:
             fut.result()
         self.futures.clear()
@@ -929,16 +930,20 @@ class NativeBackup(BackupSession):
         return content, size, whole.hexdigest()
 
     # ---- streams ------------------------------------------------------------------------
-    def store_stream(self, name: str, pieces: Iterable[bytes], progress: Progress) -> dict:
+    def store_stream(self, name: str, pieces: Iterable[bytes], progress: Progress, level: int | None = None) -> dict:
         whole = hashlib.sha256()
         content, size = [], 0
-        for chunk in chunker.split(pieces):
-            blob_id = _sha(chunk)
-            whole.update(chunk)
-            self.packer.add(pack.DATA, blob_id, chunk)
-            content.append(blob_id)
-            size += len(chunk)
-            progress.advance(nbytes=len(chunk))
+        self.packer.level = level or self.repo.level
+        try:
+            for chunk in chunker.split(pieces):
+                blob_id = _sha(chunk)
+                whole.update(chunk)
+                self.packer.add(pack.DATA, blob_id, chunk)
+                content.append(blob_id)
+                size += len(chunk)
+                progress.advance(nbytes=len(chunk))
+        finally:
+            self.packer.level = self.repo.level
         with self._stats_lock:
             self.stats.bytes_read += size
         data = _canonical({"chunks": content})

@@ -546,7 +546,7 @@ class ResticBackup(BackupSession):
                 "files": summary.get("total_files_processed", 0) - counts.get("vanished", 0),
                 "bytes": summary.get("total_bytes_processed", 0)}
 
-    def store_stream(self, name: str, pieces: Iterable[bytes], progress: Progress) -> dict:
+    def store_stream(self, name: str, pieces: Iterable[bytes], progress: Progress, level: int | None = None) -> dict:
         filename = _safe_filename(name)
         whole, size = hashlib.sha256(), [0]
 

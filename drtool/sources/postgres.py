@@ -1002,13 +1002,13 @@ def fill_bulk(dsn: str, n_blocks: int, extra_bytes_per_row: int = 0, *, seed: in
 # ---------------------------------------------------------------------------------------
 
 
-def backup(session, dsn: str, *, pg_dump: str | None = None) -> dict[str, Any]:
+def backup(session, dsn: str, *, pg_dump: str | None = None, level: int | None = None) -> dict[str, Any]:
     """Stream `pg_dump -Fc` into the repository; returns the manifest's `postgres` source."""
     from drtool.progress import Progress
 
     with dump_stream(dsn, pg_dump=pg_dump) as dump:
         with Progress("backup postgres") as progress:
-            ref = session.store_stream("postgres.dump", dump, progress)
+            ref = session.store_stream("postgres.dump", dump, progress, level)
     meta = dump.metadata.to_dict()
     if meta.get("dump_sha256") and meta["dump_sha256"] != ref["sha256"]:
         raise IntegrityError(f"postgres dump of {meta['database']!r}: the repository stored other bytes than pg_dump wrote")

@@ -12,7 +12,11 @@ Starts a throwaway cluster, fills it with fill_bulk, then times in one run:
   restore floor  pg_restore -d DB FILE (from a local file)
   restore drtool restore_stream from the same bytes as an iterator (jobs=1, scratch DB,
                  checks, rename)
-and prints seconds, MB/s, ratios and peak RSS. (Repository-backed rows: added by the lead.)
+  backup drtool  `drtool backup --only postgres` (a child process) to a local repository and to
+                 S3 on moto_server: dump, chunk, hash, compress (zstd level DRTOOL_BENCH_PG_LEVEL,
+                 default 1: [postgres] compression_level's default), upload while pg_dump runs
+  restore drtool `drtool restore latest --only postgres --pg-dsn NEW` from the local repository
+and prints seconds, MB/s, ratios and peak RSS (of the drtool process alone, from wait4).
 """
 
 from __future__ import annotations
@@ -124,7 +128,59 @@ def main() -> int:
         print(f"peak RSS drtool process: {rss_start:.0f} MiB before, {rss_dump:.0f} after dump, {rss_end:.0f} after restore; "
               f"largest child (pg_dump/pg_restore): {rss_mib(resource.RUSAGE_CHILDREN):.0f} MiB")
         print("bytes staged on local disk by dump_stream: 0 (the pipe is read in 1 MiB chunks)")
+        repository_rows(server, dsn, tmp, floor_s, rfloor_s, size)
     return 0
+
+
+def run_child(argv: list[str], env: dict) -> tuple[float, int]:
+    """(seconds, peak RSS in MiB) of one child process."""
+    started = time.monotonic()
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _pid, status, usage = os.wait4(proc.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{argv[3:]} failed: {proc.stderr.read().decode()[-2000:]}")
+    return time.monotonic() - started, usage.ru_maxrss // 1024
+
+
+def repository_rows(server, dsn: str, tmp: str, floor_s: float, rfloor_s: float, size: int) -> None:
+    from drtool import config as config_mod
+    from tests.support.s3 import run_moto_server
+
+    level = int(os.environ.get("DRTOOL_BENCH_PG_LEVEL", "1"))
+    env = dict(os.environ, PGPASSWORD=server.password, PYTHONPATH=os.getcwd(),
+               AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench-secret", AWS_DEFAULT_REGION="us-east-1")
+    state = os.path.join(tmp, "state")
+
+    def config(name: str, url: str, endpoint: str = "") -> str:
+        path = os.path.join(tmp, f"{name}.toml")
+        with open(path, "w") as f:
+            f.write(config_mod.render_toml({
+                "node": {"name": "bench", "data_dir": tmp, "quiesce": "offline", "state_dir": state},
+                "repository": {"url": url, **({"endpoint_url": endpoint} if endpoint else {})},
+                "postgres": {"dsn": server.dsn_kv("teranode"), "compression_level": level}}))
+        return path
+
+    drtool = [sys.executable, "-m", "drtool.cli", "-q", "--config"]
+    local = config("local", f"file://{tmp}/repo")
+    local_s, local_rss = run_child(drtool + [local, "backup", "--only", "postgres"], env)
+    with run_moto_server() as endpoint:
+        import boto3
+
+        boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="bench", aws_secret_access_key="bench-secret",
+                     region_name="us-east-1").create_bucket(Bucket="bench")
+        s3 = config("s3", "s3://bench/pg", endpoint)
+        s3_s, s3_rss = run_child(drtool + [s3, "backup", "--only", "postgres"], env)
+    staged = sum(len(files) for _root, _dirs, files in os.walk(state)) if os.path.isdir(state) else 0
+    print(f"backup (zstd level {level}):")
+    print(f"  drtool backup -> local repository       {local_s:7.2f} s  {size / 2**20 / local_s:7.1f} MiB/s"
+          f"  ratio {local_s / floor_s:.2f}x  peak RSS {local_rss} MiB")
+    print(f"  drtool backup -> S3 (moto_server)       {s3_s:7.2f} s  {size / 2**20 / s3_s:7.1f} MiB/s"
+          f"  ratio {s3_s / floor_s:.2f}x  peak RSS {s3_rss} MiB")
+    print(f"  files left in drtool's state dir (spool): {staged}")
+    restore_s, restore_rss = run_child(drtool + [local, "restore", "latest", "--only", "postgres", "--pg-dsn",
+                                                 server.dsn_kv("drtool_repo_restore")], env)
+    print(f"  drtool restore <- local repository      {restore_s:7.2f} s  ratio {restore_s / rfloor_s:.2f}x vs pg_restore "
+          f"from a file  peak RSS {restore_rss} MiB")
 
 
 if __name__ == "__main__":
