@@ -9,6 +9,7 @@ A missing section means that source is not backed up.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -17,6 +18,8 @@ from typing import Any
 
 from drtool import secrets
 from drtool.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_CONFIG = "drtool.toml"
 QUIESCE_MODES = ("none", "stop", "offline")
@@ -52,6 +55,7 @@ SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
         "sse_kms_key_id": (str, ""),
         "restic_path": (str, "restic"),
         "lock_wait": (str, "10m"),
+        "encryption_key_file": (str, ""),
     },
     "postgres": {
         "dsn": (str, REQUIRED),
@@ -109,6 +113,7 @@ class RepositoryConfig:
     sse_kms_key_id: str
     restic_path: str
     lock_wait: str = "10m"
+    encryption_key_file: str = ""  # client-side AES-256-GCM of every object (native engine)
 
     @property
     def lock_wait_seconds(self) -> float:
@@ -306,6 +311,11 @@ def parse(data: dict[str, Any], path: Path, env: dict[str, str] | None = None) -
         raise ConfigError(f"{name}: [repository] lock_wait: {exc}") from None
     if repo["sse"] not in ("", "AES256", "aws:kms"):
         raise ConfigError(f"{name}: [repository] sse: expected \"AES256\" or \"aws:kms\", got {_show(repo['sse'])}")
+    if repo["encryption_key_file"]:
+        if scheme == "restic":
+            raise ConfigError(f"{name}: [repository] encryption_key_file: a restic repository encrypts by itself "
+                              "(RESTIC_PASSWORD); leave this out")
+        repo["encryption_key_file"] = str((base / os.path.expanduser(repo["encryption_key_file"])).resolve())
     repo_cfg = RepositoryConfig(**{**repo, "url": url})
 
     cfg = Config(path=path, node=node_cfg, repository=repo_cfg)
@@ -360,7 +370,11 @@ def load(path: str | Path | None = None, env: dict[str, str] | None = None) -> C
         data = tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path.name}: not valid TOML: {exc}") from None
-    return parse(data, path.resolve() if path.exists() else path, env)
+    cfg = parse(data, path.resolve() if path.exists() else path, env)
+    if cfg.postgres and _dsn_password(cfg.postgres.dsn) and path.stat().st_mode & 0o004:
+        log.warning("%s holds a PostgreSQL password and is world-readable: chmod 600 it, or move the password "
+                    "to PGPASSWORD / ~/.pgpass", path)
+    return cfg
 
 
 def render_toml(sections: dict[str, dict[str, Any]]) -> str:

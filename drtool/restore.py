@@ -76,7 +76,8 @@ def plan(cfg: Config | None, snap: Manifest, target_dir: Path | None, only: list
                 out.append(Placement(source, name, ref, blobstore.restore_target(name, ref["path"], target_dir, configured)))
         elif source == "files":
             for name, ref in src["items"].items():
-                out.append(Placement(source, name, ref, files.restore_target(name, ref, target_dir), kind="file"))
+                out.append(Placement(source, name, ref, files.restore_target(name, ref, target_dir, cfg.files if cfg else []),
+                                     kind="file"))
         elif source == "postgres":
             dsn = pg_dsn or (cfg.postgres.dsn if cfg and cfg.postgres else None)
             if not dsn:
@@ -136,9 +137,11 @@ def restore(cfg: Config | None, repo: Repository, snap: Manifest, *, target_dir:
     result = RestoreResult(snap, placements)
     tag = f"{snap.id[:8]}-{pysecrets.token_hex(3)}"
     created: list[Path] = []  # folders this restore made, removed again if it fails
+    current: Placement | None = None  # what is being written, for an error that names no file
     checker = _TeranodeChecker() if check_teranode else None
     try:
         for p in placements:
+            current = p
             if p.kind == "database":
                 _stage_database(cfg, repo, p, force, result)
                 continue
@@ -163,7 +166,7 @@ def restore(cfg: Config | None, repo: Repository, snap: Manifest, *, target_dir:
             raise DrtoolError(f"restore checks failed ({len(errors)} findings; first: {errors[0]}); nothing published")
         _publish(placements, result, repo, cfg)
         result.next_steps = _next_steps(cfg, snap, placements)
-    except BaseException:
+    except BaseException as exc:
         if checker:
             checker.close()
         for p in placements:
@@ -179,6 +182,10 @@ def restore(cfg: Config | None, repo: Repository, snap: Manifest, *, target_dir:
                 folder.rmdir()
             except OSError:
                 pass
+        if isinstance(exc, OSError):  # a full disk, a permission: say where, in one line
+            where = exc.filename or (current.final if current and current.final else "the target")
+            raise DrtoolError(f"restore failed writing {where}: {exc.strerror or exc}; "
+                              "nothing was published, the staging was removed") from None
         raise
     return result
 

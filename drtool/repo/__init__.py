@@ -21,6 +21,10 @@ def open_repository(cfg: RepositoryConfig, create: bool = False) -> Repository:
     if cfg.sse_kms_key_id:
         options["sse_kms_key_id"] = cfg.sse_kms_key_id
     store = open_store(cfg.url, endpoint_url=cfg.endpoint_url or None, region=cfg.region or None, **options)
+    if cfg.encryption_key_file:
+        from drtool.repo.encryption import EncryptedStore, load_key
+
+        store = EncryptedStore(store, load_key(cfg.encryption_key_file))
     if create:
         NativeRepository.init(store)
     return NativeRepository(store, compression_level=cfg.compression_level)

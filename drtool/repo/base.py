@@ -93,6 +93,81 @@ class Manifest:
         }
 
 
+def _is_id(value: Any) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+def _is_int(value: Any, low: int = 0, high: int = 2**63 - 1) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _ref_problem(where: str, ref: Any) -> str | None:
+    if not isinstance(ref, dict):
+        return f"{where} is not an object"
+    for key in ("tree", "stream"):
+        if key in ref and not _is_id(ref[key]):
+            # restic engine refs name restic snapshots instead; they carry their own ids
+            if "restic_snapshot" not in ref:
+                return f"{where}.{key} is not a blob id"
+    for key in ("path", "name", "sha256"):
+        if key in ref and not isinstance(ref[key], str):
+            return f"{where}.{key} is not a string"
+    for key in ("mode", "mtime_ns", "size", "bytes", "files"):
+        if key in ref and not _is_int(ref[key]):
+            return f"{where}.{key} is not a non-negative integer"
+    if "mode" in ref and ref["mode"] > 0o7777:
+        return f"{where}.mode is not a file mode"
+    return None
+
+
+def manifest_problem(doc: Any) -> str | None:
+    """What makes a manifest unusable (a tampered or damaged one), or None: checked before a
+    manifest is listed, so code that reads it can rely on its shape."""
+    if not isinstance(doc, dict):
+        return "not a JSON object"
+    try:
+        when = dt.datetime.fromisoformat(doc["time"])
+    except (KeyError, TypeError, ValueError):
+        return "no valid time"
+    if when.tzinfo is None:
+        return "time has no time zone"
+    if not isinstance(doc.get("tags", []), list) or not all(isinstance(t, str) for t in doc.get("tags", [])):
+        return "tags are not a list of strings"
+    for key in ("status", "node"):
+        if key in doc and not isinstance(doc[key], str):
+            return f"{key} is not a string"
+    if doc.get("parent") is not None and not isinstance(doc["parent"], str):
+        return "parent is not a snapshot id"
+    if "size" in doc and not _is_int(doc["size"]):
+        return "size is not a non-negative integer"
+    if doc.get("best_block") is not None and not isinstance(doc["best_block"], dict):
+        return "best_block is not an object"
+    sources = doc.get("sources", {})
+    if not isinstance(sources, dict):
+        return "sources is not an object"
+    for name, src in sources.items():
+        if not isinstance(src, dict):
+            return f"sources.{name} is not an object"
+        if name in ("blobstores", "files") and "items" not in src:
+            return f"sources.{name} has no items"
+        if "items" in src:
+            if not isinstance(src["items"], dict):
+                return f"sources.{name}.items is not an object"
+            for item, ref in src["items"].items():
+                problem = _ref_problem(f"sources.{name}.items.{item}", ref)
+                if problem:
+                    return problem
+                if name in ("blobstores", "files") and not isinstance(ref.get("path"), str):
+                    return f"sources.{name}.items.{item}.path is missing"
+                if name == "files" and not all(_is_int(ref.get(k)) for k in ("mode", "mtime_ns")):
+                    return f"sources.{name}.items.{item} has no mode or mtime"
+        else:
+            problem = _ref_problem(f"sources.{name}", src)
+            if problem:
+                return problem
+    return None
+
+
 class BackupSession(abc.ABC):
     """One backup in progress: store trees and streams, then commit the manifest (or abort)."""
 

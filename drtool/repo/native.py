@@ -32,7 +32,7 @@ from drtool.errors import IntegrityError, ObjectNotFound, RepositoryError, Sourc
 from drtool.progress import Progress
 from drtool.repo import chunker, pack
 from drtool.repo.base import (FORMAT_VERSION, BackupSession, BackupStats, Finding, Manifest,
-                              Repository, RestoreStats, TreeSpec)
+                              Repository, RestoreStats, TreeSpec, manifest_problem)
 from drtool.repo.index import BlobIndex, Location, decode_index, encode_index
 from drtool.repo.locks import RepositoryLock
 from drtool.repo.objectstore import ObjectStore
@@ -48,7 +48,8 @@ PACKS_IN_FLIGHT = 3       # sealed packs waiting for upload: bounds memory
 RESTORE_PACKS_AHEAD = 6   # packs fetched ahead of the restore writers: bounds memory
 WRITERS = 8                # restore threads creating files (file creation is latency, not CPU)
 WRITES_IN_FLIGHT = 256
-DIRS_AHEAD = 64           # scanned directories waiting for their files to be read
+DIRS_AHEAD = 64           # scanned directories waiting for their files to be read...
+ENTRIES_AHEAD = 20_000    # ...holding at most this many entries
 BATCH_FILES = 128         # small files per reader task
 BATCH_BYTES = 4 << 20
 
@@ -70,11 +71,41 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _safe_name(name: str, where: str) -> str:
-    """A tree entry name must be one path component: a tampered tree cannot escape the target."""
-    if not name or name in (".", "..") or "/" in name or "\0" in name:
-        raise IntegrityError(f"{where}: unsafe entry name {name!r} in tree")
-    return name
+def _is_id(value: Any) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+def _is_count(value: Any, high: int = 2**63 - 1) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= high
+
+
+def _check_entry(entry: Any, where: str) -> None:
+    """A tree entry is used to create files: a tampered one must fail here, naming the tree,
+    and a name must be one path component so nothing is written outside the target."""
+    if not isinstance(entry, dict):
+        raise IntegrityError(f"tree {where}: an entry is not an object")
+    name = entry.get("name")
+    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\0" in name:
+        raise IntegrityError(f"tree {where}: unsafe entry name {name!r}")
+    kind = entry.get("type")
+    bad = None
+    if kind == "file":
+        content = entry.get("content")
+        if not (_is_count(entry.get("size")) and _is_count(entry.get("mtime_ns")) and _is_count(entry.get("mode"), 0o7777)
+                and isinstance(content, list) and all(_is_id(c) for c in content)
+                and ("sha256" not in entry or _is_id(entry["sha256"]))):
+            bad = "file"
+    elif kind == "dir":
+        if not (_is_id(entry.get("subtree")) and _is_count(entry.get("mtime_ns")) and _is_count(entry.get("mode"), 0o7777)):
+            bad = "directory"
+    elif kind == "symlink":
+        target = entry.get("target")
+        if not isinstance(target, str) or not target or "\0" in target:
+            bad = "symlink"
+    else:
+        raise IntegrityError(f"tree {where}: entry {name!r} has an unknown type {kind!r}")
+    if bad:
+        raise IntegrityError(f"tree {where}: {bad} entry {name!r} is malformed")
 
 
 class NativeRepository(Repository):
@@ -107,6 +138,9 @@ class NativeRepository(Repository):
         except ObjectNotFound:
             raise RepositoryError(f"{self.url}: no drtool repository here (config.json missing; "
                                   "`drtool backup` creates one, or check [repository] url)") from None
+        if raw.startswith(b"DRE\x01"):
+            raise RepositoryError(f"{self.url}/config.json: the repository is encrypted: set [repository] "
+                                  "encryption_key_file")
         try:
             doc = json.loads(raw)
         except ValueError:
@@ -175,7 +209,15 @@ class NativeRepository(Repository):
             if _sha(raw) != snap_id:
                 log.error("snapshot %s: manifest does not match its id (tampered or damaged): ignored", snap_id)
                 continue
-            out.append(Manifest(snap_id, json.loads(raw)))
+            try:
+                doc = json.loads(raw)
+            except ValueError:
+                doc = None
+            problem = manifest_problem(doc)
+            if problem:
+                log.error("snapshot %s: manifest unusable (%s): ignored", snap_id[:8], problem)
+                continue
+            out.append(Manifest(snap_id, doc))
         out.sort(key=lambda m: (m.doc["time"], m.id))
         return out
 
@@ -302,13 +344,29 @@ class NativeRepository(Repository):
         return data
 
     def load_tree(self, tree_id: str, where: str) -> list[dict]:
-        return json.loads(self.read_blob(tree_id, where))["entries"]
+        return self._load_list(tree_id, where, "entries")
+
+    def _load_list(self, blob_id: str, where: str, key: str) -> list:
+        """A tree's entries or a stream's chunk ids, from a JSON blob that may be tampered with."""
+        if not _is_id(blob_id):
+            raise IntegrityError(f"{where}: {blob_id!r} is not a blob id")
+        try:
+            found = json.loads(self.read_blob(blob_id, where))[key]
+        except (ValueError, TypeError, KeyError):
+            raise IntegrityError(f"{where}: blob {blob_id[:16]} is not a {'tree' if key == 'entries' else 'chunk list'}") from None
+        if not isinstance(found, list):
+            raise IntegrityError(f"{where}: blob {blob_id[:16]} holds no list of {key}")
+        return found
 
     # ---- restore ------------------------------------------------------------------------
     def _walk(self, tree_id: str, rel: str) -> Iterator[tuple[str, str, dict]]:
         """(op, relpath, entry) in tree order: 'dir' before its content, 'enddir' after."""
-        for entry in self.load_tree(tree_id, f"tree {rel or '/'}"):
-            path = f"{rel}/{_safe_name(entry['name'], rel or '/')}" if rel else _safe_name(entry["name"], "/")
+        entries = self.load_tree(tree_id, f"tree {rel or '/'}")
+        if not isinstance(entries, list):
+            raise IntegrityError(f"tree {rel or '/'}: entries are not a list")
+        for entry in entries:
+            _check_entry(entry, rel or "/")
+            path = f"{rel}/{entry['name']}" if rel else entry["name"]
             if entry["type"] == "dir":
                 yield "dir", path, entry
                 yield from self._walk(entry["subtree"], path)
@@ -404,7 +462,9 @@ class NativeRepository(Repository):
 
     def read_stream(self, ref: dict) -> Iterator[bytes]:
         where = f"stream {ref.get('name', '')}".strip()
-        chunks = json.loads(self.read_blob(ref["stream"], where))["chunks"]
+        chunks = self._load_list(ref["stream"], where, "chunks")
+        if not all(_is_id(c) for c in chunks):
+            raise IntegrityError(f"{where}: its chunk list holds something that is not a blob id")
         fetcher = _PackFetcher(self)
         try:
             locs = [self.locate(b, where) for b in chunks]
@@ -445,15 +505,20 @@ class NativeRepository(Repository):
                 where = f"snapshot {short} {name}" + (f" {rel}" if rel else "")
                 yield blob_id, where
                 try:
-                    doc = json.loads(self.read_blob(blob_id, where))
-                except (IntegrityError, ObjectNotFound, RepositoryError, ValueError) as exc:
+                    listed = self._load_list(blob_id, where, "chunks" if kind == "stream" else "entries")
+                    for entry in listed if kind == "tree" else []:
+                        _check_entry(entry, where)
+                except (IntegrityError, ObjectNotFound, RepositoryError) as exc:
                     findings.append(Finding(where, f"cannot read its {'tree' if kind == 'tree' else 'chunk list'}: {exc}"))
                     continue
                 if kind == "stream":
-                    for chunk_id in doc["chunks"]:
+                    for chunk_id in listed:
+                        if not _is_id(chunk_id):
+                            findings.append(Finding(where, "its chunk list holds something that is not a blob id"))
+                            break
                         yield chunk_id, where
                     continue
-                for entry in doc["entries"]:
+                for entry in listed:
                     path = f"{rel}/{entry['name']}" if rel else entry["name"]
                     if entry["type"] == "dir":
                         stack.append((entry["subtree"], path))
@@ -653,6 +718,7 @@ class _Packer:
             self.repo.store.put(key, obj)  # content-addressed: a repeated put is harmless
             self.repo.index.add_pack(key, len(obj), entries)
             with self.lock:
+                self.pending.difference_update(e[1] for e in entries)  # the index knows them now
                 self.stats.bytes_stored += len(obj)
                 self.unindexed.append((key, len(obj), entries))
                 batch = self.unindexed if len(self.unindexed) >= INDEX_EVERY else None
@@ -697,9 +763,10 @@ class _Packer:
 class _PendingDir:
     """A scanned directory whose files are being read; its tree id once built."""
 
-    __slots__ = ("items", "counts", "tree_id", "vanished")
+    __slots__ = ("items", "counts", "tree_id", "vanished", "size")
 
     def __init__(self, counts: dict):
+        self.size = 0  # entries scanned
         self.items: list[Any] = []
         self.counts = counts
         self.tree_id: str | None = None
@@ -739,6 +806,7 @@ class NativeBackup(BackupSession):
         try:
             with os.scandir(path) as it:
                 dir_entries = sorted(it, key=lambda e: e.name)
+            pending.size = len(dir_entries)
         except FileNotFoundError:
             if not rel:
                 raise SourceError(f"blob store {spec.name}: {path}: no such directory") from None
@@ -800,9 +868,9 @@ class NativeBackup(BackupSession):
         return pending
 
     def _finish_dirs(self, queue: "collections.deque[_PendingDir]", keep: int) -> None:
-        """Build the trees of scanned directories, oldest first, until at most `keep` wait
-        (a bound on the futures and entries held in memory)."""
-        while queue and (len(queue) > keep or queue[0].ready()):
+        """Build the trees of scanned directories, oldest first, until at most `keep` wait and
+        they hold at most ENTRIES_AHEAD entries (a bound on what is held in memory)."""
+        while queue and (len(queue) > keep or sum(p.size for p in queue) > ENTRIES_AHEAD or queue[0].ready()):
             pending = queue.popleft()
             pending.tree_id = self._tree_of(pending)
 

@@ -27,6 +27,7 @@ from drtool.secrets import redact, register
 log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
+BODY_ATTEMPTS = 3  # a response body cut mid-read is asked for again (botocore retries only the request)
 
 
 @dataclass(frozen=True)
@@ -503,13 +504,20 @@ class S3Store(ObjectStore):
 
     def get(self, key: str) -> bytes:
         from botocore.exceptions import BotoCoreError
+        from urllib3.exceptions import HTTPError
 
-        resp = self._call("get", key, "get_object", Bucket=self.bucket, Key=self._full(key))
-        try:
-            with resp["Body"] as body:
-                return body.read()
-        except (BotoCoreError, OSError) as exc:  # the connection broke mid-body
-            raise self._translate(exc, "get", key) from None
+        for attempt in range(BODY_ATTEMPTS):
+            resp = self._call("get", key, "get_object", Bucket=self.bucket, Key=self._full(key))
+            try:
+                with resp["Body"] as body:
+                    return body.read()
+            except (BotoCoreError, HTTPError, OSError) as exc:  # the connection broke mid-body: ask again
+                if attempt == BODY_ATTEMPTS - 1:
+                    raise self._translate(exc, "get", key) from None
+                log.warning("%s/%s: connection lost while reading (%s); reading it again", self.url, key,
+                            type(exc).__name__)
+                time.sleep(0.5 * (attempt + 1))
+        raise AssertionError("unreachable")
 
     def get_range(self, key: str, offset: int, length: int) -> bytes:
         from botocore.exceptions import BotoCoreError, ClientError
@@ -519,12 +527,21 @@ class S3Store(ObjectStore):
             if self.stat(key) is None:
                 raise ObjectNotFound(f"object {key!r} not found in {self.url}")
             return b""
+        from urllib3.exceptions import HTTPError
+
         try:
-            resp = self._client.get_object(
-                Bucket=self.bucket, Key=self._full(key), Range=f"bytes={offset}-{offset + length - 1}"
-            )
-            with resp["Body"] as body:
-                return body.read()
+            for attempt in range(BODY_ATTEMPTS):
+                resp = self._client.get_object(
+                    Bucket=self.bucket, Key=self._full(key), Range=f"bytes={offset}-{offset + length - 1}"
+                )
+                try:
+                    with resp["Body"] as body:
+                        return body.read()
+                except (HTTPError, OSError) as exc:  # cut mid-body: ask again
+                    if attempt == BODY_ATTEMPTS - 1:
+                        raise self._translate(exc, "get-range", key) from None
+                    time.sleep(0.5 * (attempt + 1))
+            raise AssertionError("unreachable")
         except ClientError as exc:
             code = str(exc.response.get("Error", {}).get("Code", ""))
             if code == "InvalidRange" or exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 416:
@@ -685,10 +702,11 @@ class _S3Body(io.RawIOBase):
 
     def readinto(self, b: Any) -> int:
         from botocore.exceptions import BotoCoreError
+        from urllib3.exceptions import HTTPError
 
         try:
             return self._body.readinto(b)
-        except (BotoCoreError, OSError) as exc:
+        except (BotoCoreError, HTTPError, OSError) as exc:
             raise self._store._translate(exc, "read", self._key) from None
 
     def close(self) -> None:

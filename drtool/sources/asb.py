@@ -921,10 +921,13 @@ def _pack(v: Any, out: bytearray) -> None:
 
 
 def unpack(data: bytes) -> Any:
-    """Decode Aerospike msgpack (an L or M bin) into Python values."""
-    value, pos = _unpack(memoryview(data), 0)
+    """Decode Aerospike msgpack (an L or M bin) into Python values; AsbError when malformed."""
+    try:
+        value, pos = _unpack(memoryview(data), 0)
+    except (IndexError, ValueError, TypeError, struct.error, UnicodeDecodeError) as exc:
+        raise AsbError(f"malformed msgpack in a list or map bin: {exc or type(exc).__name__}") from None
     if pos != len(data):
-        raise ValueError(f"{len(data) - pos} trailing bytes after msgpack value")
+        raise AsbError(f"malformed msgpack in a list or map bin: {len(data) - pos} trailing bytes")
     return value
 
 

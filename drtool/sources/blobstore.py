@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from drtool.errors import ConfigError, IntegrityError
 from drtool.progress import Progress
 from drtool.repo.base import BackupSession, Repository, RestoreStats, TreeSpec
 from drtool.teranode.filetypes import IGNORED_DIRS, is_temporary
@@ -45,14 +46,23 @@ def display_path(path: Path, data_dir: Path) -> str:
         return str(path)
 
 
+def inside(target_dir: Path, relative: str, what: str) -> Path:
+    """target_dir/relative, refusing what a tampered manifest could use to leave target_dir."""
+    parts = Path(relative).parts
+    if not relative or os.path.isabs(relative) or ".." in parts or "\0" in relative:
+        raise IntegrityError(f"{what}: unsafe path {relative!r} in the manifest (tampered?); nothing restored")
+    return target_dir / relative
+
+
 def restore_target(name: str, recorded_path: str, target_dir: Path | None, configured: Path | None) -> Path:
     """Where a store goes back: under --target-dir at its data_dir-relative path (absolute
     stores under DIR/<name>), else its configured path (or the recorded one)."""
     if target_dir is not None:
-        return target_dir / (name if os.path.isabs(recorded_path) else recorded_path)
+        return inside(target_dir, name if os.path.isabs(recorded_path) else recorded_path, f"blob store {name}")
     if configured is not None:
         return configured
-    return Path(recorded_path)
+    raise ConfigError(f"blob store {name}: the snapshot holds it but drtool.toml does not configure it; "
+                      "restore it with --target-dir")
 
 
 def restore_into(repo: Repository, ref: dict, staging: Path, label: str, on_folder_done=None) -> RestoreStats:

@@ -12,7 +12,7 @@ import os
 import stat
 from pathlib import Path
 
-from drtool.errors import SourceError
+from drtool.errors import ConfigError, SourceError
 from drtool.progress import Progress
 from drtool.repo.base import BackupSession, Repository
 
@@ -56,12 +56,19 @@ def backup(session: BackupSession, paths: list[Path], data_dir: Path, parent: di
     return {"items": items}
 
 
-def restore_target(name: str, ref: dict, target_dir: Path | None) -> Path:
-    """Back to its original path, or under --target-dir: data_dir-relative files at their
-    relative path, absolute ones under DIR/files/<absolute path>."""
+def restore_target(name: str, ref: dict, target_dir: Path | None, configured: list[Path] = ()) -> Path:
+    """Back to its original path (only if [files] still names it: a manifest never chooses
+    where drtool writes), or under --target-dir: data_dir-relative files at their relative
+    path, absolute ones under DIR/files/<absolute path>."""
+    from drtool.sources.blobstore import inside
+
     if target_dir is None:
-        return Path(ref["path"])
-    return target_dir / ("files" + name if os.path.isabs(name) else name)
+        path = Path(ref["path"])
+        if path not in configured:
+            raise ConfigError(f"[files] {path}: the snapshot holds it but drtool.toml does not list it; "
+                              "restore it with --target-dir")
+        return path
+    return inside(target_dir, "files" + name if os.path.isabs(name) else name, f"[files] {name}")
 
 
 def restore_file(repo: Repository, ref: dict, staging_file: Path) -> int:

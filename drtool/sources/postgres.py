@@ -386,6 +386,9 @@ def best_block(conn: psycopg.Connection) -> BestBlock | None:
 def current_best_block(dsn: str) -> dict[str, Any] | None:
     """The chain tip now (height, hash), or None for an empty chain."""
     with contextlib.closing(connect(dsn, autocommit=True, what="read the best block")) as conn:
+        if "blocks" not in {t for s, t in _user_tables(conn) if s == "public"}:
+            raise SourceError(f"database {database_name(dsn)!r} on {display_dsn(dsn)}: no Teranode `blocks` table "
+                              "(is [postgres] dsn Teranode's blockchain database?)")
         found = best_block(conn)
     return found.to_dict() if found else None
 
