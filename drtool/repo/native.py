@@ -45,11 +45,13 @@ INDEX_EVERY = 32          # packs per intermediate index object (what a killed b
 READERS = 2               # file-reading threads (I/O and hashing release the GIL)
 UPLOADERS = 2             # pack compress+upload threads (zstd releases the GIL)
 PACKS_IN_FLIGHT = 3       # sealed packs waiting for upload: bounds memory
-RESTORE_PACKS_AHEAD = 6   # packs fetched ahead of the restore writers: bounds memory
+RESTORE_PACKS_AHEAD = 4   # packs fetched ahead of the restore writers: bounds memory...
+RESTORE_ENTRIES_AHEAD = 8192  # ...as does the number of entries looked ahead
 WRITERS = 8                # restore threads creating files (file creation is latency, not CPU)
 WRITES_IN_FLIGHT = 256
 DIRS_AHEAD = 64           # scanned directories waiting for their files to be read...
 ENTRIES_AHEAD = 20_000    # ...holding at most this many entries
+BYTES_AHEAD = 64 << 20    # ...and this many bytes of small files read
 BATCH_FILES = 128         # small files per reader task
 BATCH_BYTES = 4 << 20
 
@@ -387,8 +389,9 @@ class NativeRepository(Repository):
         window: collections.deque = collections.deque()
         try:
             while True:
-                # Keep the fetcher busy: look ahead until enough packs are on their way.
-                while fetcher.pending() < RESTORE_PACKS_AHEAD or not window:
+                # Keep the fetcher busy: look ahead until enough packs are on their way (or
+                # enough entries wait: thousands of small files share one pack).
+                while (fetcher.pending() < RESTORE_PACKS_AHEAD and len(window) < RESTORE_ENTRIES_AHEAD) or not window:
                     op = next(ops, None)
                     if op is None:
                         break
@@ -763,10 +766,11 @@ class _Packer:
 class _PendingDir:
     """A scanned directory whose files are being read; its tree id once built."""
 
-    __slots__ = ("items", "counts", "tree_id", "vanished", "size")
+    __slots__ = ("items", "counts", "tree_id", "vanished", "size", "bytes")
 
     def __init__(self, counts: dict):
         self.size = 0  # entries scanned
+        self.bytes = 0  # small files' bytes held until the tree is built
         self.items: list[Any] = []
         self.counts = counts
         self.tree_id: str | None = None
@@ -855,6 +859,7 @@ class NativeBackup(BackupSession):
                         # than reading the file.
                         batch.append((de.path, de.name, st))
                         batch_bytes += st.st_size
+                        pending.bytes += st.st_size
                         if len(batch) >= BATCH_FILES or batch_bytes >= BATCH_BYTES:
                             items.append(self.readers.submit(self._store_files, batch, progress))
                             batch, batch_bytes = [], 0
@@ -870,7 +875,8 @@ class NativeBackup(BackupSession):
     def _finish_dirs(self, queue: "collections.deque[_PendingDir]", keep: int) -> None:
         """Build the trees of scanned directories, oldest first, until at most `keep` wait and
         they hold at most ENTRIES_AHEAD entries (a bound on what is held in memory)."""
-        while queue and (len(queue) > keep or sum(p.size for p in queue) > ENTRIES_AHEAD or queue[0].ready()):
+        while queue and (len(queue) > keep or sum(p.size for p in queue) > ENTRIES_AHEAD
+                         or sum(p.bytes for p in queue) > BYTES_AHEAD or queue[0].ready()):
             pending = queue.popleft()
             pending.tree_id = self._tree_of(pending)
 
@@ -883,7 +889,12 @@ class NativeBackup(BackupSession):
                     pending.counts["dirs"] += 1
                     entries.append({**entry, "subtree": sub.tree_id})
                 continue
-            for entry in (item.result() if isinstance(item, Future) else [item]):
+            if isinstance(item, Future):
+                found, blobs = item.result()
+                self.packer.add_many(blobs)
+            else:
+                found = [item]
+            for entry in found:
                 if entry is None:
                     continue
                 if entry["type"] == "file":
@@ -897,9 +908,11 @@ class NativeBackup(BackupSession):
         self.packer.add(pack.TREE, tree_id, data)
         return tree_id
 
-    def _store_files(self, files: list[tuple[str, str, os.stat_result]], progress: Progress) -> list[dict | None]:
-        """Read a batch of files; small ones on a fast path whose blobs reach the packer in one
-        call, so reader threads hand the GIL and the packer's lock around once per batch."""
+    def _store_files(self, files: list[tuple[str, str, os.stat_result]],
+                     progress: Progress) -> tuple[list[dict | None], list[tuple[str, str, bytes]]]:
+        """Read a batch of files: (entries, small files' blobs). The blobs go to the packer when
+        their directory's tree is built, in walk order, so a pack holds neighbouring files and a
+        restore, which writes in walk order, reads each pack once."""
         out: list[dict | None] = []
         blobs: list[tuple[str, str, bytes]] = []
         new = nbytes = vanished = 0
@@ -919,13 +932,12 @@ class NativeBackup(BackupSession):
                         "mode": after.st_mode & 0o7777, "content": [blob_id]})
             new += 1
             nbytes += len(data)
-        self.packer.add_many(blobs)
         with self._stats_lock:
             self.stats.files_new += new
             self.stats.bytes_read += nbytes
             self.stats.files_vanished += vanished
         progress.advance(files=new, nbytes=nbytes)
-        return out
+        return out, blobs
 
     @staticmethod
     def _read_small(path: str, before: os.stat_result) -> tuple[bytes, os.stat_result] | None:
