@@ -46,7 +46,7 @@ READERS = 2               # file-reading threads (I/O and hashing release the GI
 UPLOADERS = 2             # pack compress+upload threads (zstd releases the GIL)
 PACKS_IN_FLIGHT = 3       # sealed packs waiting for upload: bounds memory
 RESTORE_PACKS_AHEAD = 4   # packs fetched ahead of the restore writers: bounds memory...
-RESTORE_ENTRIES_AHEAD = 8192  # ...as does the number of entries looked ahead
+RESTORE_ENTRIES_AHEAD = 65536  # ...as does the number of entries looked ahead
 WRITERS = 8                # restore threads creating files (file creation is latency, not CPU)
 WRITES_IN_FLIGHT = 256
 DIRS_AHEAD = 64           # scanned directories waiting for their files to be read...
@@ -616,10 +616,15 @@ class _PackFetcher:
         self.futures: dict[str, Future] = {}
         self.refs: collections.Counter = collections.Counter()
         self.lock = threading.Lock()  # writers release while the walker wants
+        # Packs released a moment ago: the look-ahead may stop in the middle of a pack of
+        # thousands of small files and want it again; it is not fetched twice.
+        self.recent: collections.OrderedDict[str, Future] = collections.OrderedDict()
 
     def want(self, pack_key: str) -> None:
         with self.lock:
             self.refs[pack_key] += 1
+            if pack_key not in self.futures and pack_key in self.recent:
+                self.futures[pack_key] = self.recent.pop(pack_key)
             if pack_key not in self.futures:
                 self.futures[pack_key] = self.pool.submit(
                     lambda k: pack.decode_body(self.repo.store.get(k), k), pack_key)
@@ -637,13 +642,18 @@ class _PackFetcher:
             self.refs[pack_key] -= 1
             if self.refs[pack_key] <= 0:
                 del self.refs[pack_key]
-                self.futures.pop(pack_key, None)
+                fut = self.futures.pop(pack_key, None)
+                if fut is not None:
+                    self.recent[pack_key] = fut
+                    while len(self.recent) > 2:
+                        self.recent.popitem(last=False)
 
     def close(self) -> None:
         for fut in self.futures.values():
             fut.cancel()
         self.pool.shutdown(wait=True, cancel_futures=True)
         self.futures.clear()
+        self.recent.clear()
 
 
 class _Packer:
