@@ -36,6 +36,7 @@ from typing import Any, Callable, Iterable
 from drtool.config import Config
 from drtool.errors import DiskThresholdError, DrtoolError, LockError
 from drtool.policy import DiskPolicy, Policy
+from drtool.progress import human_bytes
 from drtool.repo.base import Manifest, Repository
 from drtool.teranode.filetypes import IGNORED_DIRS, is_temporary
 
@@ -132,7 +133,7 @@ def crossings(u: PathUsage, limits: DiskPolicy) -> list[Crossing]:
                             f"{pct:.1f}% used, above warn_percent {limits.warn_percent:g}"))
     if limits.min_free_bytes and u.free < limits.min_free_bytes:
         out.append(Crossing("min_free_bytes", "error", u.free, limits.min_free_bytes,
-                            f"{human(u.free)} free, below min_free_bytes {human(limits.min_free_bytes)}"))
+                            f"{human_bytes(u.free)} free, below min_free_bytes {human_bytes(limits.min_free_bytes)}"))
     if u.inodes_total and u.inode_percent > limits.max_inode_percent:
         out.append(Crossing("max_inode_percent", "error", u.inode_percent, limits.max_inode_percent,
                             f"{u.inode_percent:.1f}% of inodes used, above max_inode_percent "
@@ -171,8 +172,8 @@ def check_spool(path: str | Path, needed_bytes: int, policy: Policy | DiskPolicy
     crossed = spool_crossing(u, max(0, int(needed_bytes)), limits)
     if crossed:
         raise DiskThresholdError(
-            f"{path}: spooling {human(needed_bytes)} would leave the filesystem at {u.mount} with "
-            f"{crossed.text} (now {u.used_percent:.1f}% used, {human(u.free)} free); "
+            f"{path}: spooling {human_bytes(needed_bytes)} would leave the filesystem at {u.mount} with "
+            f"{crossed.text} (now {u.used_percent:.1f}% used, {human_bytes(u.free)} free); "
             "free space first (drtool disk --enforce)")
     return u
 
@@ -333,7 +334,7 @@ def critical_error(rep: DiskReport, notes: Iterable[str] = ()) -> DiskThresholdE
         u = fs[0].usage
         crossed = "; ".join(c.text for c in fs[0].crossed if c.severity == "error")
         watched = [p.watched.path for p in fs]
-        text = (f"{fs[0].watched.path} (filesystem {u.mount}, {human(u.free)} free of {human(u.total)}): "
+        text = (f"{fs[0].watched.path} (filesystem {u.mount}, {human_bytes(u.free)} free of {human_bytes(u.total)}): "
                 f"{crossed}; largest: {_holders_text(holders(watched, u.device))}")
         if Path(u.mount) not in watched:
             text += f"; largest on {u.mount}: {_holders_text(holders([Path(u.mount)], u.device))}"
@@ -348,7 +349,7 @@ def critical_error(rep: DiskReport, notes: Iterable[str] = ()) -> DiskThresholdE
 
 
 def _holders_text(found: list[tuple[str, int, bool]]) -> str:
-    return ", ".join(f"{path} {'>= ' if approx else ''}{human(size)}" for path, size, approx in found) \
+    return ", ".join(f"{path} {'>= ' if approx else ''}{human_bytes(size)}" for path, size, approx in found) \
         or "nothing drtool can read"
 
 
@@ -480,7 +481,7 @@ class _Enforcement:
             items += 1
         if items:
             self.actions.append(Action("drop-cache", u.mount, items, nbytes, f"emptied {cache}"))
-            log.info("disk: dropped drtool's cache %s: %d entries, %s", cache, items, human(nbytes))
+            log.info("disk: dropped drtool's cache %s: %d entries, %s", cache, items, human_bytes(nbytes))
 
     def drop_staging(self, u: PathUsage) -> None:
         leftovers = staging_leftovers(self.cfg)
@@ -499,7 +500,7 @@ class _Enforcement:
         if removed:
             self.actions.append(Action("drop-staging", u.mount, len(removed), nbytes,
                                        "removed leftover restore staging " + ", ".join(removed)))
-            log.info("disk: removed %d leftover restore staging folders, %s", len(removed), human(nbytes))
+            log.info("disk: removed %d leftover restore staging folders, %s", len(removed), human_bytes(nbytes))
 
     # ---- 2. prune a local repository on this filesystem ---------------------------------------
     def prune(self, u: PathUsage) -> None:
@@ -753,9 +754,3 @@ def _remove(path: Path) -> int:
     return total
 
 
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
