@@ -317,7 +317,7 @@ def verify_subset(repo: Repository, snapshots: list[Manifest], n: int, t: int) -
         nbytes = 0
         bad_blobs: dict[str, str] = {}
         with ThreadPoolExecutor(3, thread_name_prefix="drtool-verify") as pool:
-            checks = pool.map(lambda k: repo._check_pack(k, [b[0] for b in blobs_of[k]]), to_read)
+            checks = pool.map(lambda k: repo.check_pack(k, [b[0] for b in blobs_of[k]]), to_read)
             for key, problem, bad in checks:
                 size = repo.index.pack_sizes.get(key, 0)
                 nbytes += size

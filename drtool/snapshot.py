@@ -104,14 +104,8 @@ def take(cfg: Config, repo: Repository, *, tags: list[str] = (), only: list[str]
     from drtool.node import node_facts
 
     doc["teranode"] = node_facts(cfg.node)
-    if dry_run:
-        from drtool.repo.native import NativeRepository
-
-        if not isinstance(repo, NativeRepository):
-            raise ConfigError("--dry-run: only the native repository engine supports a dry run")
-    session = repo.begin_backup("backup --dry-run" if dry_run else "backup", wait=cfg.repository.lock_wait_seconds)
-    if dry_run:
-        session.packer.dry_run = True  # type: ignore[attr-defined]
+    session = repo.begin_backup("backup --dry-run" if dry_run else "backup", wait=cfg.repository.lock_wait_seconds,
+                                dry_run=dry_run)
     try:
         with quiesce(cfg):
             best_at_start = _best_block_now(cfg, sources)

@@ -25,11 +25,9 @@ def store_of(node):
 
 
 def _endpoint(node) -> str | None:
-    text = node.config.read_text()
-    for line in text.splitlines():
-        if line.startswith("endpoint_url"):
-            return line.split("=", 1)[1].strip().strip('"')
-    return None
+    from drtool import config
+
+    return config.load(node.config, env={}).repository.endpoint_url or None
 
 
 def listing(store) -> dict[str, int]:

@@ -93,19 +93,20 @@ class Manifest:
         }
 
 
-def _is_id(value: Any) -> bool:
+def is_blob_id(value: Any) -> bool:
     return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
 
 
-def _is_int(value: Any, low: int = 0, high: int = 2**63 - 1) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+def is_count(value: Any, high: int = 2**63 - 1) -> bool:
+    """A non-negative integer (not a bool) up to `high`."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= high
 
 
 def _ref_problem(where: str, ref: Any) -> str | None:
     if not isinstance(ref, dict):
         return f"{where} is not an object"
     for key in ("tree", "stream"):
-        if key in ref and not _is_id(ref[key]):
+        if key in ref and not is_blob_id(ref[key]):
             # restic engine refs name restic snapshots instead; they carry their own ids
             if "restic_snapshot" not in ref:
                 return f"{where}.{key} is not a blob id"
@@ -113,7 +114,7 @@ def _ref_problem(where: str, ref: Any) -> str | None:
         if key in ref and not isinstance(ref[key], str):
             return f"{where}.{key} is not a string"
     for key in ("mode", "mtime_ns", "size", "bytes", "files"):
-        if key in ref and not _is_int(ref[key]):
+        if key in ref and not is_count(ref[key]):
             return f"{where}.{key} is not a non-negative integer"
     if "mode" in ref and ref["mode"] > 0o7777:
         return f"{where}.mode is not a file mode"
@@ -138,7 +139,7 @@ def manifest_problem(doc: Any) -> str | None:
             return f"{key} is not a string"
     if doc.get("parent") is not None and not isinstance(doc["parent"], str):
         return "parent is not a snapshot id"
-    if "size" in doc and not _is_int(doc["size"]):
+    if "size" in doc and not is_count(doc["size"]):
         return "size is not a non-negative integer"
     if doc.get("best_block") is not None and not isinstance(doc["best_block"], dict):
         return "best_block is not an object"
@@ -159,7 +160,7 @@ def manifest_problem(doc: Any) -> str | None:
                     return problem
                 if name in ("blobstores", "files") and not isinstance(ref.get("path"), str):
                     return f"sources.{name}.items.{item}.path is missing"
-                if name == "files" and not all(_is_int(ref.get(k)) for k in ("mode", "mtime_ns")):
+                if name == "files" and not all(is_count(ref.get(k)) for k in ("mode", "mtime_ns")):
                     return f"sources.{name}.items.{item} has no mode or mtime"
         else:
             problem = _ref_problem(f"sources.{name}", src)
@@ -213,8 +214,9 @@ class Repository(abc.ABC):
         return matches[0]
 
     @abc.abstractmethod
-    def begin_backup(self, command: str = "backup", wait: float = 0.0) -> BackupSession:
-        """Start a backup under a shared lock, waiting up to `wait` seconds for an exclusive one."""
+    def begin_backup(self, command: str = "backup", wait: float = 0.0, dry_run: bool = False) -> BackupSession:
+        """Start a backup under a shared lock, waiting up to `wait` seconds for an exclusive one.
+        A dry run reads and measures what would be stored, and stores nothing."""
 
     @abc.abstractmethod
     def restore_tree(self, ref: dict, dest: Path, progress: Progress,

@@ -32,7 +32,7 @@ from drtool.errors import IntegrityError, ObjectNotFound, RepositoryError, Sourc
 from drtool.progress import Progress
 from drtool.repo import chunker, pack
 from drtool.repo.base import (FORMAT_VERSION, BackupSession, BackupStats, Finding, Manifest,
-                              Repository, RestoreStats, TreeSpec, manifest_problem)
+                              Repository, RestoreStats, TreeSpec, is_blob_id, is_count, manifest_problem)
 from drtool.repo.index import BlobIndex, Location, decode_index, encode_index
 from drtool.repo.locks import RepositoryLock
 from drtool.repo.objectstore import ObjectStore
@@ -73,14 +73,6 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _is_id(value: Any) -> bool:
-    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
-
-
-def _is_count(value: Any, high: int = 2**63 - 1) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= high
-
-
 def _check_entry(entry: Any, where: str) -> None:
     """A tree entry is used to create files: a tampered one must fail here, naming the tree,
     and a name must be one path component so nothing is written outside the target."""
@@ -93,12 +85,12 @@ def _check_entry(entry: Any, where: str) -> None:
     bad = None
     if kind == "file":
         content = entry.get("content")
-        if not (_is_count(entry.get("size")) and _is_count(entry.get("mtime_ns")) and _is_count(entry.get("mode"), 0o7777)
-                and isinstance(content, list) and all(_is_id(c) for c in content)
-                and ("sha256" not in entry or _is_id(entry["sha256"]))):
+        if not (is_count(entry.get("size")) and is_count(entry.get("mtime_ns")) and is_count(entry.get("mode"), 0o7777)
+                and isinstance(content, list) and all(is_blob_id(c) for c in content)
+                and ("sha256" not in entry or is_blob_id(entry["sha256"]))):
             bad = "file"
     elif kind == "dir":
-        if not (_is_id(entry.get("subtree")) and _is_count(entry.get("mtime_ns")) and _is_count(entry.get("mode"), 0o7777)):
+        if not (is_blob_id(entry.get("subtree")) and is_count(entry.get("mtime_ns")) and is_count(entry.get("mode"), 0o7777)):
             bad = "directory"
     elif kind == "symlink":
         target = entry.get("target")
@@ -226,7 +218,7 @@ class NativeRepository(Repository):
     def lock(self, command: str, exclusive: bool, break_stale: bool = False, wait: float = 0.0) -> RepositoryLock:
         return RepositoryLock(self.store, command, exclusive=exclusive).acquire(break_stale=break_stale, wait=wait)
 
-    def begin_backup(self, command: str = "backup", wait: float = 600.0) -> "NativeBackup":
+    def begin_backup(self, command: str = "backup", wait: float = 600.0, dry_run: bool = False) -> "NativeBackup":
         lock = self.lock(command, exclusive=False, wait=wait)
         try:
             self.refresh()  # a prune may have run while we waited for the lock
@@ -234,7 +226,9 @@ class NativeRepository(Repository):
         except Exception:
             lock.release()
             raise
-        return NativeBackup(self, lock)
+        session = NativeBackup(self, lock)
+        session.packer.dry_run = dry_run
+        return session
 
     # ---- prune --------------------------------------------------------------------------
     def forget(self, manifests: list[Manifest]) -> None:
@@ -350,7 +344,7 @@ class NativeRepository(Repository):
 
     def _load_list(self, blob_id: str, where: str, key: str) -> list:
         """A tree's entries or a stream's chunk ids, from a JSON blob that may be tampered with."""
-        if not _is_id(blob_id):
+        if not is_blob_id(blob_id):
             raise IntegrityError(f"{where}: {blob_id!r} is not a blob id")
         try:
             found = json.loads(self.read_blob(blob_id, where))[key]
@@ -466,7 +460,7 @@ class NativeRepository(Repository):
     def read_stream(self, ref: dict) -> Iterator[bytes]:
         where = f"stream {ref.get('name', '')}".strip()
         chunks = self._load_list(ref["stream"], where, "chunks")
-        if not all(_is_id(c) for c in chunks):
+        if not all(is_blob_id(c) for c in chunks):
             raise IntegrityError(f"{where}: its chunk list holds something that is not a blob id")
         fetcher = _PackFetcher(self)
         try:
@@ -516,7 +510,7 @@ class NativeRepository(Repository):
                     continue
                 if kind == "stream":
                     for chunk_id in listed:
-                        if not _is_id(chunk_id):
+                        if not is_blob_id(chunk_id):
                             findings.append(Finding(where, "its chunk list holds something that is not a blob id"))
                             break
                         yield chunk_id, where
@@ -562,7 +556,7 @@ class NativeRepository(Repository):
                 rng = random.Random()
                 to_read = [k for k in to_read if rng.random() < read_fraction] or to_read[:1]
             with ThreadPoolExecutor(UPLOADERS) as pool:
-                for key, problem, bad in pool.map(lambda k: self._check_pack(k, packs[k]), to_read):
+                for key, problem, bad in pool.map(lambda k: self.check_pack(k, packs[k]), to_read):
                     progress.advance(files=1, nbytes=listing[key])
                     if problem:
                         findings.append(Finding(key, problem))
@@ -576,7 +570,7 @@ class NativeRepository(Repository):
                         findings.append(Finding(where, f"affected: {bad_blobs[blob_id]}"))
         return findings
 
-    def _check_pack(self, key: str, blob_ids: list[str]) -> tuple[str, str | None, list[str]]:
+    def check_pack(self, key: str, blob_ids: list[str]) -> tuple[str, str | None, list[str]]:
         try:
             obj = self.store.get(key)
         except ObjectNotFound:

@@ -387,7 +387,10 @@ class ResticRepository(Repository):
         self._wait_for_locks(exclusive, wait, command)
         return _Held()
 
-    def begin_backup(self, command: str = "backup", wait: float = 0.0) -> "ResticBackup":
+    def begin_backup(self, command: str = "backup", wait: float = 0.0, dry_run: bool = False) -> "ResticBackup":
+        if dry_run:
+            raise ConfigError("--dry-run: the restic engine has no dry run (restic backup --dry-run "
+                              "cannot take streams); use the native engine")
         if wait > 0:  # without a wait, restic's own lock refusal says the same
             self._wait_for_locks(False, wait, command)
         return ResticBackup(self)

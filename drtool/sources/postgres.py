@@ -282,12 +282,14 @@ class DumpStream:
     broken dump.
     """
 
-    def __init__(self, proc: subprocess.Popen, stderr: _StderrTail, metadata: DumpMetadata, chunk_size: int) -> None:
+    def __init__(self, proc: subprocess.Popen, stderr: _StderrTail, metadata: DumpMetadata, chunk_size: int,
+                 hash_dump: bool = True) -> None:
         self._proc = proc
         self._stderr = stderr
         self.metadata = metadata
         self._chunk_size = chunk_size
-        self._sha = hashlib.sha256()
+        # A consumer that hashes the stream itself (the repository) says so: one pass, not two.
+        self._sha = hashlib.sha256() if hash_dump else None
         self._size = 0
         self.finished = False
         self._failed: SourceError | None = None
@@ -309,7 +311,8 @@ class DumpStream:
         if chunk:
             if self._size == 0 and not chunk.startswith(b"PGDMP"):
                 self._fail("did not write a custom-format archive")
-            self._sha.update(chunk)
+            if self._sha is not None:
+                self._sha.update(chunk)
             self._size += len(chunk)
             return chunk
         returncode = self._proc.wait()
@@ -318,7 +321,7 @@ class DumpStream:
         if self._size == 0:
             self._fail("wrote nothing")
         self.metadata.dump_size = self._size
-        self.metadata.dump_sha256 = self._sha.hexdigest()
+        self.metadata.dump_sha256 = self._sha.hexdigest() if self._sha is not None else None
         self.finished = True
         warnings = self._stderr.text()
         if warnings:
@@ -408,7 +411,7 @@ def _qualified(schema: str, table: str) -> str:
 
 @contextlib.contextmanager
 def dump_stream(dsn: str, *, pg_dump: str | None = None, chunk_size: int = CHUNK_SIZE,
-                extra_args: Iterable[str] = ()) -> Iterator[DumpStream]:
+                extra_args: Iterable[str] = (), hash_dump: bool = True) -> Iterator[DumpStream]:
     """Stream a consistent `pg_dump -Fc -Z0` of the DSN's database.
 
     Opens a REPEATABLE READ transaction, reads the metadata in it, exports its snapshot and
@@ -437,7 +440,7 @@ def dump_stream(dsn: str, *, pg_dump: str | None = None, chunk_size: int = CHUNK
                  display_dsn(dsn), metadata.server_version,
                  metadata.best_block.to_dict() if metadata.best_block else None, tool)
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-        stream = DumpStream(proc, _StderrTail(proc.stderr), metadata, chunk_size)
+        stream = DumpStream(proc, _StderrTail(proc.stderr), metadata, chunk_size, hash_dump)
         try:
             yield stream
         except BaseException:
@@ -1009,10 +1012,11 @@ def backup(session, dsn: str, *, pg_dump: str | None = None, level: int | None =
     """Stream `pg_dump -Fc` into the repository; returns the manifest's `postgres` source."""
     from drtool.progress import Progress
 
-    with dump_stream(dsn, pg_dump=pg_dump) as dump:
+    with dump_stream(dsn, pg_dump=pg_dump, hash_dump=False) as dump:  # the repository hashes it
         with Progress("backup postgres") as progress:
             ref = session.store_stream("postgres.dump", dump, progress, level)
-    meta = dump.metadata.to_dict()
-    if meta.get("dump_sha256") and meta["dump_sha256"] != ref["sha256"]:
-        raise IntegrityError(f"postgres dump of {meta['database']!r}: the repository stored other bytes than pg_dump wrote")
-    return {**ref, **meta, "dsn": display_dsn(dsn)}
+    if ref["size"] != dump.metadata.dump_size:
+        raise IntegrityError(f"postgres dump of {dump.metadata.database!r}: the repository stored "
+                             f"{ref['size']} bytes, pg_dump wrote {dump.metadata.dump_size}")
+    dump.metadata.dump_sha256 = ref["sha256"]
+    return {**ref, **dump.metadata.to_dict(), "dsn": display_dsn(dsn)}
