@@ -224,13 +224,15 @@ def _kill_after(proc: subprocess.Popen, delay: float) -> bool:
 
 
 @pytest.fixture
-def s3_node(tmp_path, s3_bucket):
+def s3_node(tmp_path, s3_bucket, fault_proxy):  # noqa: F811
+    """A node whose repository is reached through the fault proxy (so a test can hold a run
+    mid-way, whatever the machine's speed), the store as seen directly, and the proxy."""
     endpoint, bucket = s3_bucket
-    node = make_node(tmp_path, f"s3://{bucket}/node", endpoint)
+    node = make_node(tmp_path, f"s3://{bucket}/node", fault_proxy.endpoint)
     policy = tmp_path / "policy.toml"
     policy.write_text("[retention]\nkeep_last = 1\n")
     node.config.write_text(node.config.read_text() + f'\n[policy]\nfile = "{policy}"\n')
-    return node, S3Store(bucket, "node", endpoint_url=endpoint, region="us-east-1")
+    return node, S3Store(bucket, "node", endpoint_url=endpoint, region="us-east-1"), fault_proxy
 
 
 def _add_bulk(node: Node, seed: int, mib: int = 40) -> None:
@@ -260,30 +262,41 @@ def _after_kill_checks(node: Node, store: S3Store) -> None:
     assert data_digest(target) == data_digest(node.data_dir)
 
 
-def _kill_when(proc: subprocess.Popen, ready, delay: float, timeout: float = 60) -> bool:
-    """kill -9 `delay` seconds after `ready()` first holds; False if the run finished first."""
+def _kill_when(proc: subprocess.Popen, ready, delay: float, timeout: float = 60,
+               hold: FaultProxy | None = None, method: str = "GET") -> bool:
+    """kill -9 `delay` seconds after `ready()` first holds; False if the run finished first.
+    With `hold`, the repository's data requests of `method` stall at the proxy from that
+    moment on, so the kill lands mid-run on a fast machine too (requests already in flight
+    still complete: the run is caught with part of its work done)."""
     wait_for(lambda: ready() or proc.poll() is not None, timeout=timeout, every=0.02)
-    return _kill_after(proc, delay)
+    if hold is not None and proc.poll() is None:
+        hold.stall(seconds=120, count=10_000, method=method, path="/data/")
+    try:
+        return _kill_after(proc, delay)
+    finally:
+        if hold is not None:
+            hold.clear()
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [1, 2])
 def test_kill_9_during_backup(s3_node, seed):
-    node, store = s3_node
+    node, store, proxy = s3_node
     node.run("backup")
     _add_bulk(node, seed, mib=96)
     packs_before = len(list(store.list("data/")))
     rng = random.Random(f"backup-{seed}")
     packs_wanted, delay = rng.randint(1, 6), rng.uniform(0.0, 0.3)
     proc = _spawn(node, "backup")
-    killed = _kill_when(proc, lambda: len(list(store.list("data/"))) >= packs_before + packs_wanted, delay)
+    killed = _kill_when(proc, lambda: len(list(store.list("data/"))) >= packs_before + packs_wanted, delay,
+                        hold=proxy, method="PUT")
     assert killed, "backup finished before the kill: add more bulk data"
     _after_kill_checks(node, store)
 
 
 @pytest.mark.slow
 def test_kill_9_during_prune(s3_node):
-    node, store = s3_node
+    node, store, _proxy = s3_node
     node.run("backup")
     _add_bulk(node, 3, mib=24)
     node.run("backup")
@@ -301,14 +314,19 @@ def test_kill_9_during_prune(s3_node):
 
 @pytest.mark.slow
 def test_kill_9_during_restore(s3_node):
-    node, store = s3_node
+    node, store, proxy = s3_node
     _add_bulk(node, 4, mib=48)
     node.run("backup")
     target = node.dir / "target"
     delay = random.Random("restore").uniform(0.0, 0.5)
     proc = _spawn(node, "restore", "latest", "--target-dir", str(target))
-    killed = _kill_when(proc, lambda: target.exists() and any(".drtool-staging-" in p.name for p in target.iterdir()),
-                        delay)
+
+    def staged_bytes() -> int:
+        staging = [p for p in target.iterdir() if ".drtool-staging-" in p.name] if target.exists() else []
+        return sum(f.stat().st_size for s in staging for f in s.rglob("*.block") if f.is_file())
+
+    # Caught with part of the files written: at least one 4 MiB bulk file's worth.
+    killed = _kill_when(proc, lambda: staged_bytes() >= 4 << 20, delay, hold=proxy)
     assert killed, "restore finished before the kill"
     # Nothing half-restored is published: only hidden staging folders may be left.
     leftovers = sorted(p.name for p in target.iterdir()) if target.exists() else []
