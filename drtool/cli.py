@@ -7,6 +7,7 @@ error; 3 another run holds the lock; 4 a disk threshold is breached and could no
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import sys
@@ -509,7 +510,19 @@ def demo(state: State, directory: Path, seed: int, tx_files: int, subtrees: int,
         sys.exit(1)
 
 
+def _keep_big_buffers_out_of_the_heap() -> None:
+    """glibc raises its mmap threshold to the size of each big block freed (up to 32 MiB), so
+    after the first 8 MiB pack body is freed the next ones land in per-thread heaps that never
+    shrink. A fixed 1 MiB threshold keeps them mmap-ed and handed back at free (measured: a
+    restore of 250k files 307 -> 214 MiB peak, a backup of 1.17M files 252 -> 231 MiB)."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass  # not glibc: its allocator has its own ways
+
+
 def main(argv: list[str] | None = None) -> None:
+    _keep_big_buffers_out_of_the_heap()
     as_json = "--json" in (argv if argv is not None else sys.argv[1:])
     try:
         cli.main(args=argv, prog_name="drtool", standalone_mode=False)

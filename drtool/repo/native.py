@@ -41,7 +41,8 @@ log = logging.getLogger(__name__)
 
 FORMAT_NAME = "drtool-native"
 PACK_SIZE = 8 << 20       # raw bytes per pack before it is sealed
-INDEX_EVERY = 32          # packs per intermediate index object (what a killed backup can reuse)
+INDEX_EVERY = 32          # packs per intermediate index object (what a killed backup can reuse)...
+INDEX_EVERY_BLOBS = 16_384  # ...or fewer: entries wait in memory as Python lists (~250 B a blob)
 READERS = 2               # file-reading threads (I/O and hashing release the GIL)
 UPLOADERS = 2             # pack compress+upload threads (zstd releases the GIL)
 PACKS_IN_FLIGHT = 3       # sealed packs waiting for upload: bounds memory
@@ -666,6 +667,7 @@ class _Packer:
         self.slots = threading.BoundedSemaphore(PACKS_IN_FLIGHT)
         self.futures: list[Future] = []
         self.unindexed: list[tuple[str, int, list]] = []
+        self.unindexed_blobs = 0
         self.index_keys: list[str] = []
         self.dry_run = False  # backup --dry-run: compress to measure, upload nothing
 
@@ -728,9 +730,10 @@ class _Packer:
                 self.pending.difference_update(e[1] for e in entries)  # the index knows them now
                 self.stats.bytes_stored += len(obj)
                 self.unindexed.append((key, len(obj), entries))
-                batch = self.unindexed if len(self.unindexed) >= INDEX_EVERY else None
-                if batch:
-                    self.unindexed = []
+                self.unindexed_blobs += len(entries)
+                batch = None
+                if len(self.unindexed) >= INDEX_EVERY or self.unindexed_blobs >= INDEX_EVERY_BLOBS:
+                    batch, self.unindexed, self.unindexed_blobs = self.unindexed, [], 0
             if batch:
                 self._write_index(batch)
         finally:
@@ -754,7 +757,7 @@ class _Packer:
             fut.result()
         self.futures.clear()
         with self.lock:
-            batch, self.unindexed = self.unindexed, []
+            batch, self.unindexed, self.unindexed_blobs = self.unindexed, [], 0
         if batch:
             self._write_index(batch)
 
