@@ -359,8 +359,6 @@ class AsbDecoder:
         key_sizes_get = self._key_sizes.get
         heads = self._heads
         heads_get = heads.get
-        b64_get = _B64_PREFIX.get
-        sizes_get = self._sizes.get
         a2b = _a2b
         emit = out.append
         new_record, record_class = object.__new__, AsbRecord  # without __init__'s call
@@ -435,36 +433,7 @@ class AsbDecoder:
                                           f"bin {name!r}: length does not match the value")
                 left = count - len(bins)
                 i += count - left
-                while left:  # the rest as in _record
-                    left -= 1
-                    line = lines[i]
-                    tstr = b64_get(line[:4])
-                    if tstr is not None:
-                        parts = line.split(b" ", 4)
-                        name = names_get(parts[2])
-                        if name is not None:
-                            if len(parts) != 5 or \
-                                    (sizes_get(parts[3]) or self._size(parts[3])) != len(parts[4]):
-                                raise self._error(i, f"bin {name!r}: length does not match the value")
-                            append((name, tstr, a2b(parts[4], strict_mode=True)))
-                            if len(heads) < 10_000:  # parts[4] is base64: no spaces
-                                heads[line[:-len(parts[4]) - 1]] = (name, tstr, len(parts[4]))
-                            i += 1
-                            continue
-                    elif line[:4] == b"- I ":
-                        parts = line.split(b" ")
-                        name = names_get(parts[2])
-                        if name is not None and len(parts) == 4:
-                            append((name, "I", int(parts[3])))
-                            if len(heads) < 10_000:
-                                heads[b"- I " + parts[2]] = (name, "I", None)
-                            i += 1
-                            continue
-                    value, i2 = self._bin_slow(lines, i, n, line)
-                    append(value)
-                    if i2 > i + 1 and i2 + left > n:  # a value spanning lines
-                        raise _NeedMore
-                    i = i2
+                i = self._general_bins(lines, i, n, left, append)  # the rest as in _record
                 rec = new_record(record_class)
                 rec.namespace = namespace
                 rec.digest = digest
@@ -589,19 +558,33 @@ class AsbDecoder:
         if i + count > n:
             raise _NeedMore
         bins = []
-        append = bins.append
-        b64_get = _B64_PREFIX.get
+        i = self._general_bins(lines, i, n, count, bins.append)
+        self.records += 1
+        return AsbRecord(namespace, digest, set_name, key_type, key, generation, expiry, bins), i
+
+    def _general_bins(self, lines, i, n, left: int, append) -> int:
+        """Parse `left` bin lines from lines[i] into append(); return the next line index.
+        A base64 or int line taken by the fast branch has its head kept in self._heads for
+        _common_records' shortcut."""
+        names_get = self._names.get
         sizes_get = self._sizes.get
-        for left in range(count - 1, -1, -1):
+        b64_get = _B64_PREFIX.get
+        heads = self._heads
+        a2b = _a2b
+        while left:
+            left -= 1
             line = lines[i]
             tstr = b64_get(line[:4])
             if tstr is not None:
                 parts = line.split(b" ", 4)
                 name = names_get(parts[2])
                 if name is not None:
-                    if len(parts) != 5 or (sizes_get(parts[3]) or self._size(parts[3])) != len(parts[4]):
+                    if len(parts) != 5 or \
+                            (sizes_get(parts[3]) or self._size(parts[3])) != len(parts[4]):
                         raise self._error(i, f"bin {name!r}: length does not match the value")
-                    append((name, tstr, _a2b(parts[4], strict_mode=True)))
+                    append((name, tstr, a2b(parts[4], strict_mode=True)))
+                    if len(heads) < 10_000:  # parts[4] is base64: no spaces
+                        heads[line[:-len(parts[4]) - 1]] = (name, tstr, len(parts[4]))
                     i += 1
                     continue
             elif line[:4] == b"- I ":
@@ -609,16 +592,16 @@ class AsbDecoder:
                 name = names_get(parts[2])
                 if name is not None and len(parts) == 4:
                     append((name, "I", int(parts[3])))
+                    if len(heads) < 10_000:
+                        heads[b"- I " + parts[2]] = (name, "I", None)
                     i += 1
                     continue
-            # everything else (escapes, strings, floats, compact values, first sight of a name)
             value, i2 = self._bin_slow(lines, i, n, line)
             append(value)
             if i2 > i + 1 and i2 + left > n:  # a value spanning lines
                 raise _NeedMore
             i = i2
-        self.records += 1
-        return AsbRecord(namespace, digest, set_name, key_type, key, generation, expiry, bins), i
+        return i
 
     def _size(self, raw: bytes) -> int:
         if not raw.isdigit():
