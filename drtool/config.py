@@ -50,7 +50,9 @@ SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
         "url": (str, REQUIRED),
         "endpoint_url": (str, ""),
         "region": (str, ""),
-        "compression_level": (int, 3),
+        # Teranode's files are mostly hashes and signatures: zstd 1 stores them within 2 % of
+        # level 3 (smaller on the sample node, 1.4 % larger on the real fixtures) at half the CPU.
+        "compression_level": (int, 1),
         "sse": (str, ""),
         "sse_kms_key_id": (str, ""),
         "restic_path": (str, "restic"),

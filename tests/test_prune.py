@@ -64,7 +64,7 @@ def test_prune_shrinks_by_the_deleted_bytes(local_node):
     victim = subtrees[-1]
     import zstandard
 
-    victim_stored = len(zstandard.ZstdCompressor(level=3).compress(victim.read_bytes()))
+    victim_stored = len(zstandard.ZstdCompressor(level=1).compress(victim.read_bytes()))  # the default level
     for side in victim.parent.glob(victim.name + "*"):
         side.unlink()
     node.run("backup")

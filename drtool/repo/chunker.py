@@ -17,26 +17,32 @@ SINGLE_BLOB_LIMIT = 2 * MIN_SIZE  # smaller files are one blob: no chunker call 
 READ_SIZE = 4 * MAX_SIZE
 
 
-def split(pieces: Iterable[bytes]) -> Iterator[bytes]:
-    """Re-cut an iterable of byte pieces (any sizes) into content-defined chunks."""
-    buf = bytearray()
+def split(pieces: Iterable[bytes]) -> Iterator[memoryview]:
+    """Re-cut an iterable of byte pieces (any sizes) into content-defined chunks.
+
+    Chunks are views into the pieces (or their join): hash them and hand them to the packer,
+    which copies, rather than keep them, since a view holds its whole buffer. A piece of
+    READ_SIZE or more is cut where it lies, so a file read in one piece is not copied here."""
+    held: list[bytes] = []
+    held_size = 0
     for piece in pieces:
-        buf += piece
-        if len(buf) < READ_SIZE:
+        held.append(piece)
+        held_size += len(piece)
+        if held_size < READ_SIZE:
             continue
+        buf = held[0] if len(held) == 1 else b"".join(held)
+        cuts = list(fastcdc.fastcdc(buf, MIN_SIZE, AVG_SIZE, MAX_SIZE, fat=False))
         view = memoryview(buf)
-        cuts = list(fastcdc.fastcdc(view, MIN_SIZE, AVG_SIZE, MAX_SIZE, fat=False))
         # The last cut ends where the buffer ends, not at a content boundary: keep it.
         for cut in cuts[:-1]:
-            yield bytes(view[cut.offset:cut.offset + cut.length])
-        keep = cuts[-1].offset
-        view.release()
-        del buf[:keep]
-    if buf:
+            yield view[cut.offset:cut.offset + cut.length]
+        held = [bytes(view[cuts[-1].offset:])]
+        held_size = len(held[0])
+    if held_size:
+        buf = held[0] if len(held) == 1 else b"".join(held)
         view = memoryview(buf)
-        for cut in fastcdc.fastcdc(view, MIN_SIZE, AVG_SIZE, MAX_SIZE, fat=False):
-            yield bytes(view[cut.offset:cut.offset + cut.length])
-        view.release()
+        for cut in fastcdc.fastcdc(buf, MIN_SIZE, AVG_SIZE, MAX_SIZE, fat=False):
+            yield view[cut.offset:cut.offset + cut.length]
 
 
 def read_pieces(f: BinaryIO, size: int = READ_SIZE) -> Iterator[bytes]:

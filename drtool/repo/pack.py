@@ -36,21 +36,39 @@ def _compressor(level: int) -> zstandard.ZstdCompressor:
     return cache[level]
 
 
+class PackBuffer:
+    """A pack being filled: the blobs' bytes copied into one buffer as they arrive, so the
+    sealed pack is compressed in one call over contiguous bytes (zstd's fastest path, and no
+    joined copy) and the caller's buffers are free as soon as add() returns."""
+
+    __slots__ = ("body", "entries")
+
+    def __init__(self) -> None:
+        self.body = bytearray()
+        self.entries: list[list] = []
+
+    def add(self, kind: str, blob_id: str, data) -> None:
+        self.entries.append([kind, blob_id, len(self.body), len(data)])
+        self.body += data
+
+    def __len__(self) -> int:
+        return len(self.body)
+
+
 def encode(blobs: list[tuple[str, str, bytes]], level: int) -> tuple[bytes, list[list]]:
     """blobs: (kind, id_hex, data). Returns the pack object and its header entries."""
-    entries = []
-    offset = 0
+    buf = PackBuffer()
     for kind, blob_id, data in blobs:
-        entries.append([kind, blob_id, offset, len(data)])
-        offset += len(data)
+        buf.add(kind, blob_id, data)
+    return seal(buf, level), buf.entries
+
+
+def seal(buf: PackBuffer, level: int) -> bytes:
+    """The pack object of a filled buffer."""
     cctx = _compressor(level)
-    # Streamed into one frame: no joined copy of the raw bytes is ever held.
-    stream = cctx.compressobj(size=offset)
-    parts = [stream.compress(data) for _, _, data in blobs]
-    parts.append(stream.flush())
-    body = b"".join(parts)
-    header = cctx.compress(json.dumps({"v": 1, "blobs": entries}, separators=(",", ":")).encode())
-    return body + header + TRAILER.pack(len(header), MAGIC), entries
+    body = cctx.compress(buf.body)
+    header = cctx.compress(json.dumps({"v": 1, "blobs": buf.entries}, separators=(",", ":")).encode())
+    return b"".join((body, header, TRAILER.pack(len(header), MAGIC)))
 
 
 def pack_key(obj: bytes) -> str:

@@ -1,0 +1,190 @@
+"""The native repository's data path, in-process on a real folder: the chunker, pack buffers,
+the walker's page-cache reads (and the reader threads behind them), and the restore's small-blob
+memory that keeps deduplicated tiny files from refetching old packs."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+
+import fastcdc
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from drtool.progress import Progress
+from drtool.repo import chunker, native, pack
+from drtool.repo.base import TreeSpec
+from drtool.repo.native import NativeRepository
+from drtool.repo.objectstore import LocalStore
+
+
+def _tree(root) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# ---- chunker ---------------------------------------------------------------------------------
+
+_DATA = random.Random(7).randbytes(3 * chunker.READ_SIZE + 12_345)
+_WHOLE = [(c.offset, c.length) for c in fastcdc.fastcdc(_DATA, chunker.MIN_SIZE, chunker.AVG_SIZE,
+                                                        chunker.MAX_SIZE, fat=False)]
+
+
+@settings(max_examples=12, deadline=None)
+@given(st.lists(st.integers(1, 3 * chunker.MAX_SIZE), min_size=1, max_size=40))
+def test_split_cuts_where_the_whole_stream_would_be_cut(sizes):
+    """Whatever pieces the stream arrives in, the cuts are the content's: the same as one pass
+    of FastCDC over the whole, except that a buffer boundary may force an extra cut only at
+    READ_SIZE granularity (never here: READ_SIZE holds several maximal chunks)."""
+    pieces, pos = [], 0
+    for size in sizes:
+        pieces.append(_DATA[pos:pos + size])
+        pos += size
+    pieces.append(_DATA[pos:])
+    chunks = list(chunker.split(p for p in pieces if p))
+    assert b"".join(bytes(c) for c in chunks) == _DATA
+    offsets, at = [], 0
+    for c in chunks:
+        offsets.append((at, len(c)))
+        at += len(c)
+    assert offsets == _WHOLE
+
+
+def test_split_does_not_copy_a_file_read_in_one_piece():
+    piece = _DATA[:chunker.READ_SIZE - 5]  # a file smaller than READ_SIZE is one piece
+    chunks = list(chunker.split([piece]))
+    assert len(chunks) > 3
+    assert all(isinstance(c, memoryview) and c.obj is piece for c in chunks)
+    # A bigger piece is cut where it lies; only its uncut tail is copied to meet the next.
+    big = _DATA[:chunker.READ_SIZE + 5]
+    assert next(chunker.split([big])).obj is big
+
+
+# ---- packs -----------------------------------------------------------------------------------
+
+def test_pack_buffer_round_trip():
+    rng = random.Random(1)
+    blobs = [(pack.DATA if i % 3 else pack.TREE, f"{i:064x}", rng.randbytes(rng.randrange(0, 5000)))
+             for i in range(300)]
+    blobs.append((pack.DATA, "f" * 64, memoryview(b"a view is copied in")))
+    obj, entries = pack.encode(blobs, 1)
+    body = pack.decode_body(obj, "k")
+    assert pack.read_header(obj, "k") == entries
+    for (kind, blob_id, data), (k, b, offset, length) in zip(blobs, entries):
+        assert (k, b) == (kind, blob_id)
+        assert body[offset:offset + length] == bytes(data)
+
+
+# ---- backup: page-cache reads and reader threads -----------------------------------------------
+
+def _backup(repo_dir, src, progress=None):
+    store = LocalStore(repo_dir)
+    NativeRepository.init(store)
+    repo = NativeRepository(store)
+    session = repo.begin_backup()
+    ref = session.store_tree(TreeSpec("store", src), None, progress or Progress("test"))
+    session.commit({"test": True})
+    return repo, ref
+
+
+def _evict(path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.skipif(native._NOWAIT is None, reason="RWF_NOWAIT is Linux-only: every file goes to the readers")
+def test_cached_files_are_read_by_the_walker_and_the_rest_by_readers(tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    rng = random.Random(3)
+    for d in range(6):
+        (src / f"{d:02x}").mkdir(parents=True)
+        for i in range(40):
+            (src / f"{d:02x}" / f"{i:03d}.tx").write_bytes(rng.randbytes(rng.randrange(200, 3000)))
+    evicted = sorted(src.rglob("*.tx"))[::2]
+    for p in evicted:
+        _evict(p)
+    fd = os.open(evicted[0], os.O_RDONLY)
+    try:
+        os.preadv(fd, [bytearray(10)], 0, native._NOWAIT)
+        pytest.skip(f"{tmp_path}: this filesystem keeps evicted pages in memory (tmpfs?): nothing to test")
+    except BlockingIOError:
+        pass
+    finally:
+        os.close(fd)
+    outcomes = {"walker": 0, "readers": 0}
+    read_cached = native.NativeBackup._read_cached
+
+    def spy(path, before):
+        found = read_cached(path, before)
+        outcomes["walker" if found is not None else "readers"] += 1
+        return found
+
+    monkeypatch.setattr(native.NativeBackup, "_read_cached", staticmethod(spy))
+    repo, ref = _backup(tmp_path / "repo", src)
+    # Evicted pages cannot be read without waiting for the disk: those went to the readers.
+    assert outcomes["readers"] >= len(evicted) // 2 and outcomes["walker"] >= 100, outcomes
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    repo.restore_tree(ref, dest, Progress("test"))
+    assert _tree(dest) == _tree(src)
+
+
+def test_a_file_changed_under_the_walker_is_read_again_by_a_reader(tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    src.mkdir()
+    victim = src / "a.tx"
+    victim.write_bytes(b"first version")
+    (src / "b.tx").write_bytes(b"other")
+    read_cached = native.NativeBackup._read_cached
+
+    def change_then_read(path, before):
+        if path.endswith("a.tx"):
+            victim.write_bytes(b"second, longer version")
+        return read_cached(path, before)
+
+    monkeypatch.setattr(native.NativeBackup, "_read_cached", staticmethod(change_then_read))
+    repo, ref = _backup(tmp_path / "repo", src)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    repo.restore_tree(ref, dest, Progress("test"))
+    assert (dest / "a.tx").read_bytes() == b"second, longer version"
+
+
+# ---- restore: deduplicated tiny blobs -----------------------------------------------------------
+
+class CountingStore(LocalStore):
+    def __init__(self, root):
+        super().__init__(root)
+        self.data_gets = 0
+
+    def get(self, key):
+        if key.startswith("data/"):
+            self.data_gets += 1
+        return super().get(key)
+
+
+def test_restore_fetches_each_pack_about_once_despite_deduplicated_tiny_files(tmp_path, monkeypatch):
+    """Every folder holds a .dah file with the same height, stored once in the first pack:
+    without the small-blob memory, each folder fetched that old pack again."""
+    monkeypatch.setattr(native, "PACK_SIZE", 64 << 10)
+    src = tmp_path / "src"
+    rng = random.Random(5)
+    for d in range(80):
+        folder = src / f"{d:02x}"
+        folder.mkdir(parents=True)
+        (folder / "0.dah").write_bytes(b"1234")
+        for i in range(20):
+            (folder / f"{i:02d}.subtree").write_bytes(rng.randbytes(8192))
+    repo, ref = _backup(tmp_path / "repo", src)
+    packs = sum(1 for _ in (tmp_path / "repo" / "data").rglob("*") if _.is_file())
+    store = CountingStore(tmp_path / "repo")
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    NativeRepository(store).restore_tree(ref, dest, Progress("test"))
+    assert _tree(dest) == _tree(src)
+    assert store.data_gets <= packs + 5, (store.data_gets, packs)  # without it: about packs + 30
+    assert hashlib.sha256((dest / "1d" / "0.dah").read_bytes()).digest() == hashlib.sha256(b"1234").digest()
