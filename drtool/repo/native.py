@@ -699,7 +699,7 @@ class _PackFetcher:
                 fut = self.futures.pop(pack_key, None)
                 if fut is not None:
                     self.recent[pack_key] = fut
-                    while len(self.recent) > 2:
+                    while len(self.recent) > 4:
                         self.recent.popitem(last=False)
 
     def close(self) -> None:
