@@ -1083,10 +1083,10 @@ class NativeBackup(BackupSession):
     def _store_file(self, path: str, name: str, progress: Progress, held: list | None = None) -> dict | None:
         for _attempt in range(3):
             try:
+                if held:
+                    held.clear()  # a second attempt: the first one's blobs are stale
                 with open(path, "rb", buffering=0) as f:
                     before = os.fstat(f.fileno())
-                    if held:
-                        held.clear()  # a second attempt: the first one's blobs are stale
                     content, size, whole = self._store_content(f, before.st_size, held)
                     after = os.fstat(f.fileno())
             except FileNotFoundError:
