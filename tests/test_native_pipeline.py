@@ -5,6 +5,7 @@ memory that keeps deduplicated tiny files from refetching old packs."""
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import random
 
@@ -48,6 +49,29 @@ def test_split_cuts_where_the_whole_stream_would_be_cut(sizes):
         offsets.append((at, len(c)))
         at += len(c)
     assert offsets == _WHOLE
+
+
+@settings(max_examples=12, deadline=None)
+@given(st.integers(0, 2**32), st.integers(1 << 16, 2 * chunker.MAX_SIZE))
+def test_split_reader_cuts_like_split_whatever_each_read_returns(seed, most):
+    """The reusable-buffer path (a pg_dump stream's readinto) gives the chunks one FastCDC pass
+    over the whole gives, however short its reads; each chunk is taken before the next read."""
+    rng = random.Random(seed)
+    source = io.BytesIO(_DATA)
+
+    def readinto(view):
+        return source.readinto(view[:rng.randint(1, most)])
+
+    got, at = [], 0
+    for chunk in chunker.split_reader(readinto):
+        assert bytes(chunk) == _DATA[at:at + len(chunk)]
+        got.append((at, len(chunk)))
+        at += len(chunk)
+    assert got == _WHOLE
+
+
+def test_split_reader_of_an_empty_stream_yields_nothing():
+    assert list(chunker.split_reader(io.BytesIO(b"").readinto)) == []
 
 
 def test_split_does_not_copy_a_file_read_in_one_piece():

@@ -6,7 +6,7 @@ file at another path yields the same chunks and the repository stores them once.
 
 from __future__ import annotations
 
-from typing import BinaryIO, Iterable, Iterator
+from typing import BinaryIO, Callable, Iterable, Iterator
 
 import fastcdc
 
@@ -43,6 +43,30 @@ def split(pieces: Iterable[bytes]) -> Iterator[memoryview]:
         view = memoryview(buf)
         for cut in fastcdc.fastcdc(buf, MIN_SIZE, AVG_SIZE, MAX_SIZE, fat=False):
             yield view[cut.offset:cut.offset + cut.length]
+
+
+def split_reader(readinto: Callable[[memoryview], int]) -> Iterator[memoryview]:
+    """split() for a source that can fill a buffer (`readinto`, 0 at its end): one buffer of
+    READ_SIZE is filled and cut again and again, so a stream of any length allocates nothing
+    per chunk. Each chunk is a view into that buffer, valid until the next one is asked for."""
+    buf = bytearray(READ_SIZE)
+    view = memoryview(buf)
+    filled = 0
+    while True:
+        n = readinto(view[filled:])
+        filled += n
+        if n and filled < READ_SIZE:
+            continue
+        cuts = list(fastcdc.fastcdc(view[:filled], MIN_SIZE, AVG_SIZE, MAX_SIZE, fat=False)) if filled else []
+        if not n:  # the end: every cut is final
+            yield from (view[c.offset:c.offset + c.length] for c in cuts)
+            return
+        # The last cut ends where the buffer ends, not at a content boundary: keep it.
+        for cut in cuts[:-1]:
+            yield view[cut.offset:cut.offset + cut.length]
+        keep = cuts[-1].offset
+        view[:filled - keep] = view[keep:filled]  # the uncut tail moves to the front (a memmove)
+        filled -= keep
 
 
 def read_pieces(f: BinaryIO, size: int = READ_SIZE) -> Iterator[bytes]:

@@ -775,7 +775,7 @@ class _Packer:
     def _upload(self, blobs: pack.PackBuffer, level: int) -> None:
         try:
             obj, entries = pack.seal(blobs, level), blobs.entries
-            blobs.body = bytearray()  # the raw bytes are not needed while the pack is written
+            blobs.release()  # the raw bytes are not needed while the pack is written
             if self.dry_run:
                 with self.lock:
                     self.stats.bytes_stored += len(obj)
@@ -1140,7 +1140,9 @@ class NativeBackup(BackupSession):
         content, size = [], 0
         self.packer.level = level or self.repo.level
         try:
-            for chunk in chunker.split(pieces):
+            readinto = getattr(pieces, "readinto", None)
+            chunks = chunker.split_reader(readinto) if readinto else chunker.split(pieces)
+            for chunk in chunks:
                 blob_id = _sha(chunk)
                 whole.update(chunk)
                 self.packer.add(pack.DATA, blob_id, chunk)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import struct
 import threading
 
@@ -36,23 +37,65 @@ def _compressor(level: int) -> zstandard.ZstdCompressor:
     return cache[level]
 
 
+BUFFER_SIZE = 16 << 20  # a pack's raw bytes (8 MiB) plus the blob that tips it over (<= 8 MiB)
+_POOL_MAX = 8           # idle buffers kept: fillers, sealed packs in flight and those compressing
+_pool: list[mmap.mmap] = []
+_pool_lock = threading.Lock()
+
+
+def _take_buffer() -> mmap.mmap:
+    with _pool_lock:
+        if _pool:
+            return _pool.pop()
+    # Anonymous memory: pages are only backed once written, and a buffer that comes back from a
+    # sealed pack is reused as it is, with no fresh page faults and no munmap for the next one.
+    return mmap.mmap(-1, BUFFER_SIZE)
+
+
+def _give_back(buf: mmap.mmap) -> None:
+    with _pool_lock:
+        if len(buf) == BUFFER_SIZE and len(_pool) < _POOL_MAX:
+            _pool.append(buf)
+
+
 class PackBuffer:
     """A pack being filled: the blobs' bytes copied into one buffer as they arrive, so the
     sealed pack is compressed in one call over contiguous bytes (zstd's fastest path, and no
-    joined copy) and the caller's buffers are free as soon as add() returns."""
+    joined copy) and the caller's buffers are free as soon as add() returns. Buffers are
+    reused from pack to pack (release())."""
 
-    __slots__ = ("body", "entries")
+    __slots__ = ("body", "size", "entries")
 
     def __init__(self) -> None:
-        self.body = bytearray()
+        self.body: mmap.mmap | None = None
+        self.size = 0
         self.entries: list[list] = []
 
     def add(self, kind: str, blob_id: str, data) -> None:
-        self.entries.append([kind, blob_id, len(self.body), len(data)])
-        self.body += data
+        n = len(data)
+        end = self.size + n
+        if self.body is None:
+            self.body = _take_buffer()
+        if end > len(self.body):  # a blob bigger than the room left (a huge tree): a bigger buffer
+            bigger = mmap.mmap(-1, max(end, 2 * len(self.body)))
+            bigger[:self.size] = self.body[:self.size]
+            _give_back(self.body)
+            self.body = bigger
+        self.body[self.size:end] = data
+        self.entries.append([kind, blob_id, self.size, n])
+        self.size = end
+
+    def view(self) -> memoryview:
+        return memoryview(self.body)[:self.size] if self.body is not None else memoryview(b"")
+
+    def release(self) -> None:
+        """The raw bytes are no longer needed (the pack is sealed): the buffer serves another."""
+        if self.body is not None:
+            _give_back(self.body)
+            self.body = None
 
     def __len__(self) -> int:
-        return len(self.body)
+        return self.size
 
 
 def encode(blobs: list[tuple[str, str, bytes]], level: int) -> tuple[bytes, list[list]]:
@@ -60,13 +103,16 @@ def encode(blobs: list[tuple[str, str, bytes]], level: int) -> tuple[bytes, list
     buf = PackBuffer()
     for kind, blob_id, data in blobs:
         buf.add(kind, blob_id, data)
-    return seal(buf, level), buf.entries
+    obj = seal(buf, level)
+    buf.release()
+    return obj, buf.entries
 
 
 def seal(buf: PackBuffer, level: int) -> bytes:
     """The pack object of a filled buffer."""
     cctx = _compressor(level)
-    body = cctx.compress(buf.body)
+    with buf.view() as raw:
+        body = cctx.compress(raw)
     header = cctx.compress(json.dumps({"v": 1, "blobs": buf.entries}, separators=(",", ":")).encode())
     return b"".join((body, header, TRAILER.pack(len(header), MAGIC)))
 

@@ -308,13 +308,40 @@ class DumpStream:
         if self._failed:
             raise self._failed
         chunk = self._proc.stdout.read(self._chunk_size)
-        if chunk:
-            if self._size == 0 and not chunk.startswith(b"PGDMP"):
-                self._fail("did not write a custom-format archive")
-            if self._sha is not None:
-                self._sha.update(chunk)
-            self._size += len(chunk)
-            return chunk
+        if not chunk:
+            self._end()
+            raise StopIteration
+        self._took(chunk)
+        return chunk
+
+    def readinto(self, buf) -> int:
+        """Fill `buf` (a writable buffer) as far as pg_dump's output goes; 0 at the checked end.
+        The repository reads this way, into one buffer it reuses: no allocation per chunk."""
+        if self.finished:
+            return 0
+        if self._failed:
+            raise self._failed
+        if self._pending:  # read() leftovers come first
+            n = min(len(buf), len(self._pending))
+            buf[:n] = self._pending[:n]
+            self._pending = self._pending[n:]
+            return n
+        n = self._proc.stdout.readinto(buf)
+        if not n:
+            self._end()
+            return 0
+        self._took(memoryview(buf)[:n])
+        return n
+
+    def _took(self, chunk) -> None:
+        if self._size == 0 and bytes(chunk[:5]) != b"PGDMP":
+            self._fail("did not write a custom-format archive")
+        if self._sha is not None:
+            self._sha.update(chunk)
+        self._size += len(chunk)
+
+    def _end(self) -> None:
+        """pg_dump closed its output: a normal end only if it exited 0 having written something."""
         returncode = self._proc.wait()
         if returncode != 0:
             self._fail(_exit_reason(returncode))
@@ -327,7 +354,6 @@ class DumpStream:
         if warnings:
             log.warning("pg_dump of %s: %s", self.metadata.database, warnings)
         log.info("pg_dump of %s finished: %d bytes", self.metadata.database, self._size)
-        raise StopIteration
 
     def read(self, size: int = -1) -> bytes:
         """File-like access for consumers that read(); b"" at the (checked) end."""
