@@ -638,8 +638,8 @@ class _SmallBlobs:
     files (.dah heights, equal sidecars) at one blob in an early pack, and fetching an 8 MiB
     pack again for a few bytes made a restore read its repository six times over."""
 
-    MAX_BLOB = 256
-    MAX_COUNT = 65_536  # about 20 MiB at most
+    MAX_BLOB = 128      # .dah heights, .sha256 sidecars
+    MAX_COUNT = 16_384  # about 4 MiB at most: a 1M-file restore stays under its memory bound
 
     def __init__(self) -> None:
         self.blobs: collections.OrderedDict[str, bytes] = collections.OrderedDict()
@@ -699,7 +699,7 @@ class _PackFetcher:
                 fut = self.futures.pop(pack_key, None)
                 if fut is not None:
                     self.recent[pack_key] = fut
-                    while len(self.recent) > 4:
+                    while len(self.recent) > 2:
                         self.recent.popitem(last=False)
 
     def close(self) -> None:
