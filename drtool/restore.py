@@ -253,7 +253,7 @@ def _stage_database(cfg: Config | None, repo: Repository, p: Placement, force: b
         check_spool(cfg.node.state_dir, int(p.ref.get("size", 0)), load_policy(cfg.policy_file).disk)
     try:
         p.staged_db = postgres.stage_restore(
-            repo.read_stream(p.ref), p.dsn, jobs=pg.jobs if pg else 1, force=force,
+            repo.read_stream(p.ref, views=True), p.dsn, jobs=pg.jobs if pg else 1, force=force,
             spool_dir=cfg.node.state_dir if cfg else None, size_hint=p.ref.get("size"), expected=p.ref,
             pg_restore=(pg.pg_restore or None) if pg else None, no_owner=True)
     except IntegrityError as exc:

@@ -212,3 +212,18 @@ def test_restore_fetches_each_pack_about_once_despite_deduplicated_tiny_files(tm
     assert _tree(dest) == _tree(src)
     assert store.data_gets <= packs + 8, (store.data_gets, packs)  # without it: about packs + 24
     assert hashlib.sha256((dest / "18" / "0.dah").read_bytes()).digest() == hashlib.sha256(b"1234").digest()
+
+
+def test_a_stream_reads_back_the_same_as_views_or_copies(tmp_path):
+    store = LocalStore(tmp_path / "repo")
+    NativeRepository.init(store)
+    repo = NativeRepository(store)
+    session = repo.begin_backup()
+    data = _DATA[:chunker.READ_SIZE + 3 * chunker.MAX_SIZE]
+    ref = session.store_stream("s", iter([data[i:i + 999_999] for i in range(0, len(data), 999_999)]), Progress("test"))
+    session.commit({"test": True})
+    assert ref["size"] == len(data) and ref["sha256"] == hashlib.sha256(data).hexdigest()
+    views = list(repo.read_stream(ref, views=True))
+    assert all(isinstance(v, memoryview) for v in views) and b"".join(views) == data
+    copies = list(repo.read_stream(ref))
+    assert all(isinstance(c, bytes) for c in copies) and b"".join(copies) == data

@@ -226,8 +226,9 @@ class Repository(abc.ABC):
         (an engine that cannot tell may not call it at all), so checks can overlap the writing."""
 
     @abc.abstractmethod
-    def read_stream(self, ref: dict) -> Iterator[bytes]:
-        """The bytes of a stored stream, each piece checked before it is yielded."""
+    def read_stream(self, ref: dict, views: bool = False) -> Iterator[bytes]:
+        """The bytes of a stored stream, each piece checked before it is yielded. `views`: the
+        consumer only writes the pieces on, so they may be memoryviews (no copy of each chunk)."""
 
     @abc.abstractmethod
     def check(self, snapshots: list[Manifest], read_fraction: float, progress: Progress) -> list[Finding]:

@@ -332,11 +332,12 @@ class NativeRepository(Repository):
             raise IntegrityError(f"{where}: blob {blob_id[:16]} is not in any pack")
         return loc
 
-    def read_blob(self, blob_id: str, where: str, body: bytes | None = None) -> bytes:
+    def read_blob(self, blob_id: str, where: str, body: bytes | None = None, view: bool = False) -> bytes:
+        """A blob's bytes, checked against its id (a view into the pack's body if `view`)."""
         loc = self.locate(blob_id, where)
         if body is None:
             body = self._pack_body(loc.pack)
-        data = body[loc.offset:loc.offset + loc.length]
+        data = (memoryview(body) if view else body)[loc.offset:loc.offset + loc.length]
         if len(data) != loc.length or _sha(data) != blob_id:
             raise IntegrityError(f"{where}: blob {blob_id[:16]} in pack {loc.pack} does not match its hash")
         return data
@@ -490,7 +491,7 @@ class NativeRepository(Repository):
         finally:
             os.close(fd)
 
-    def read_stream(self, ref: dict) -> Iterator[bytes]:
+    def read_stream(self, ref: dict, views: bool = False) -> Iterator[bytes]:
         where = f"stream {ref.get('name', '')}".strip()
         chunks = self._load_list(ref["stream"], where, "chunks")
         if not all(is_blob_id(c) for c in chunks):
@@ -505,7 +506,7 @@ class NativeRepository(Repository):
                 while ahead < len(locs) and (ahead <= i or fetcher.pending() < RESTORE_PACKS_AHEAD):
                     fetcher.want(locs[ahead].pack)
                     ahead += 1
-                data = self.read_blob(blob_id, where, fetcher.body(loc.pack))
+                data = self.read_blob(blob_id, where, fetcher.body(loc.pack), view=views)
                 fetcher.release(loc.pack)
                 whole.update(data)
                 size += len(data)

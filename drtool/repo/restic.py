@@ -415,7 +415,7 @@ class ResticRepository(Repository):
         progress.advance(files=stats.files, nbytes=stats.bytes_written)
         return stats
 
-    def read_stream(self, ref: dict) -> Iterator[bytes]:
+    def read_stream(self, ref: dict, views: bool = False) -> Iterator[bytes]:
         rid, name = ref["restic_snapshot"], ref.get("restic_path") or "/" + _safe_filename(ref["name"])
         where = f"stream {ref.get('name', '')} (restic snapshot {rid[:8]})"
         proc = subprocess.Popen(self._argv("dump", rid, name), env=self.env, stdin=subprocess.DEVNULL,
