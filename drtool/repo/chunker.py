@@ -17,6 +17,11 @@ SINGLE_BLOB_LIMIT = 2 * MIN_SIZE  # smaller files are one blob: no chunker call 
 READ_SIZE = 4 * MAX_SIZE
 
 
+def _cuts(buf) -> list:
+    """FastCDC's cut points (offset, length) over a buffer, with the repository's sizes."""
+    return list(fastcdc.fastcdc(buf, MIN_SIZE, AVG_SIZE, MAX_SIZE, fat=False))
+
+
 def split(pieces: Iterable[bytes]) -> Iterator[memoryview]:
     """Re-cut an iterable of byte pieces (any sizes) into content-defined chunks.
 
@@ -31,7 +36,7 @@ def split(pieces: Iterable[bytes]) -> Iterator[memoryview]:
         if held_size < READ_SIZE:
             continue
         buf = held[0] if len(held) == 1 else b"".join(held)
-        cuts = list(fastcdc.fastcdc(buf, MIN_SIZE, AVG_SIZE, MAX_SIZE, fat=False))
+        cuts = _cuts(buf)
         view = memoryview(buf)
         # The last cut ends where the buffer ends, not at a content boundary: keep it.
         for cut in cuts[:-1]:
@@ -41,7 +46,7 @@ def split(pieces: Iterable[bytes]) -> Iterator[memoryview]:
     if held_size:
         buf = held[0] if len(held) == 1 else b"".join(held)
         view = memoryview(buf)
-        for cut in fastcdc.fastcdc(buf, MIN_SIZE, AVG_SIZE, MAX_SIZE, fat=False):
+        for cut in _cuts(buf):
             yield view[cut.offset:cut.offset + cut.length]
 
 
@@ -57,7 +62,7 @@ def split_reader(readinto: Callable[[memoryview], int]) -> Iterator[memoryview]:
         filled += n
         if n and filled < READ_SIZE:
             continue
-        cuts = list(fastcdc.fastcdc(view[:filled], MIN_SIZE, AVG_SIZE, MAX_SIZE, fat=False)) if filled else []
+        cuts = _cuts(view[:filled]) if filled else []
         if not n:  # the end: every cut is final
             yield from (view[c.offset:c.offset + c.length] for c in cuts)
             return

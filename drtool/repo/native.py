@@ -52,7 +52,7 @@ WRITERS = 2                # restore threads creating files: more only add GIL h
 WRITES_IN_FLIGHT = 16      # batches of files (BATCH_FILES, BATCH_BYTES) handed to the writers
 DIRS_AHEAD = 64           # scanned directories waiting for their files to be read...
 ENTRIES_AHEAD = 20_000    # ...holding at most this many entries
-BYTES_AHEAD = 64 << 20    # ...and this many bytes of small files read
+BYTES_AHEAD = 64 << 20    # ...and this many bytes read and held for their tree (files < HELD_FILE_LIMIT)
 BATCH_FILES = 128         # small files per reader task
 BATCH_BYTES = 4 << 20
 HELD_FILE_LIMIT = 16 << 20  # files this small are packed in walk order (held until their tree is built)
@@ -408,7 +408,8 @@ class NativeRepository(Repository):
                         entry["_locs"] = locs = [self.locate(b, op[1]) for b in entry["content"]]
                         # A tiny blob met before (deduplicated sidecars, .dah heights) is taken
                         # from memory rather than by fetching its old pack again.
-                        entry["_data"] = known = [small.get(b) for b in entry["content"]]
+                        entry["_data"] = known = [small.get(b) if loc.length <= small.MAX_BLOB else None
+                                                  for b, loc in zip(entry["content"], locs)]
                         for loc, data in zip(locs, known):
                             if data is None:
                                 fetcher.want(loc.pack)
@@ -831,6 +832,11 @@ class _Packer:
 _NOWAIT = getattr(os, "RWF_NOWAIT", None)  # Linux: a read that fails rather than wait for the disk
 
 
+def _same_version(nread: int, before: os.stat_result, after: os.stat_result) -> bool:
+    """The bytes read are the whole file as the walk saw it: nothing changed it meanwhile."""
+    return nread == after.st_size == before.st_size and after.st_mtime_ns == before.st_mtime_ns
+
+
 def _done(result: Any) -> Future:
     """A finished future: work done in the walking thread sits among the readers' futures."""
     fut: Future = Future()
@@ -1051,7 +1057,7 @@ class NativeBackup(BackupSession):
             return None
         finally:
             os.close(fd)
-        if not n == after.st_size == before.st_size or after.st_mtime_ns != before.st_mtime_ns:
+        if not _same_version(n, before, after):
             return None
         del data[n:]
         return data, after
@@ -1075,7 +1081,7 @@ class NativeBackup(BackupSession):
                 after = os.fstat(fd)
             finally:
                 os.close(fd)
-            if len(data) == after.st_size == before.st_size and after.st_mtime_ns == before.st_mtime_ns:
+            if _same_version(len(data), before, after):
                 return data, after
             log.warning("%s changed while being read; reading it again", path)
             before = after
@@ -1094,7 +1100,7 @@ class NativeBackup(BackupSession):
                 with self._stats_lock:
                     self.stats.files_vanished += 1
                 return None
-            if (before.st_size, before.st_mtime_ns) == (after.st_size, after.st_mtime_ns) == (size, after.st_mtime_ns):
+            if _same_version(size, before, after):
                 break
             log.warning("%s changed while being read; reading it again", path)
         else:
