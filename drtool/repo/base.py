@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import abc
 import datetime as dt
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -93,8 +94,11 @@ class Manifest:
         }
 
 
+_BLOB_ID = re.compile(r"[0-9a-f]{64}")
+
+
 def is_blob_id(value: Any) -> bool:
-    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+    return isinstance(value, str) and _BLOB_ID.fullmatch(value) is not None
 
 
 def is_count(value: Any, high: int = 2**63 - 1) -> bool:

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import zstandard
 
+from drtool.repo import pack
+
 ID_BYTES = 32
 MERGE_AT = 1 << 15  # newest blobs held in a dict before they join the sorted arrays
 assert array("I").itemsize == 4 and array("Q").itemsize == 8
@@ -148,5 +150,5 @@ def encode_index(packs: list[tuple[str, int, list[list]]]) -> tuple[str, bytes]:
 
 
 def decode_index(obj: bytes) -> list[tuple[str, int, list[list]]]:
-    doc = json.loads(zstandard.ZstdDecompressor().decompressobj().decompress(obj))
+    doc = json.loads(pack.decompress_frame(obj))
     return [(p["pack"], p["size"], p["blobs"]) for p in doc["packs"]]

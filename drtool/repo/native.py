@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterable, Iterator
 from drtool import __version__
 from drtool.errors import IntegrityError, ObjectNotFound, RepositoryError, SourceError
 from drtool.progress import Progress
-from drtool.repo import chunker, pack
+from drtool.repo import chunker, directio, pack
 from drtool.repo.base import (FORMAT_VERSION, BackupSession, BackupStats, Finding, Manifest,
                               Repository, RestoreStats, TreeSpec, is_blob_id, is_count, manifest_problem)
 from drtool.repo.index import BlobIndex, Location, decode_index, encode_index
@@ -55,6 +55,7 @@ ENTRIES_AHEAD = 20_000    # ...holding at most this many entries
 BYTES_AHEAD = 64 << 20    # ...and this many bytes read and held for their tree (files < HELD_FILE_LIMIT)
 BATCH_FILES = 128         # small files per reader task
 BATCH_BYTES = 4 << 20
+DIRECT_MAX = 16 << 20      # restored files this large or smaller are written in one O_DIRECT write (directio)
 HELD_FILE_LIMIT = 16 << 20  # files this small are packed in walk order (held until their tree is built)
 
 
@@ -467,10 +468,13 @@ class NativeRepository(Repository):
 
     def _restore_file(self, target: Path, path: str, entry: dict, fetcher: "_PackFetcher", small: "_SmallBlobs") -> None:
         # Created with its final mode where the umask allows it: one chmod call fewer per file.
-        mode = entry["mode"]
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode & 0o777)
+        # A large file is written past the page cache (directio): the restore will not read it.
+        mode, size = entry["mode"], entry["size"]
+        fd, direct = directio.open_new(target, os.O_WRONLY | os.O_NOFOLLOW, mode & 0o777,
+                                       direct=directio.MIN_SIZE <= size <= DIRECT_MAX)
         try:
             whole = hashlib.sha256() if "sha256" in entry else None
+            pieces = []
             written = 0
             for blob_id, loc, data in zip(entry["content"], entry["_locs"], entry["_data"]):
                 if data is None:
@@ -479,13 +483,17 @@ class NativeRepository(Repository):
                     fetcher.release(loc.pack)
                 if whole:
                     whole.update(data)
-                view = memoryview(data)
-                while view:
-                    n = os.write(fd, view)
-                    view = view[n:]
+                if direct:
+                    pieces.append(data)  # written in one piece at the end
+                else:
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(fd, view):]
                 written += len(data)
-            if written != entry["size"] or (whole and whole.hexdigest() != entry["sha256"]):
+            if written != size or (whole and whole.hexdigest() != entry["sha256"]):
                 raise IntegrityError(f"{path}: restored content does not match the recorded size or SHA-256")
+            if direct:
+                directio.write(fd, pieces, size, True)
             if mode & ~_UMASK != mode:
                 os.fchmod(fd, mode)
             os.utime(fd, ns=(entry["mtime_ns"], entry["mtime_ns"]))
