@@ -8,6 +8,7 @@ error; 3 another run holds the lock; 4 a disk threshold is breached and could no
 from __future__ import annotations
 
 import ctypes
+import gc
 import json
 import logging
 import sys
@@ -521,8 +522,17 @@ def _keep_big_buffers_out_of_the_heap() -> None:
         pass  # not glibc: its allocator has its own ways
 
 
+def _collect_cycles_less_often() -> None:
+    """A backup or restore makes a dict per file and frees it by reference counting; the cycle
+    collector, run every 700 allocations, found nothing to free and held the interpreter lock
+    while it looked (the sample node's restore: 0.23 s in 1325 collections -> 0.09 s in 9; its
+    backup 0.12 s -> 0.01 s)."""
+    gc.set_threshold(50_000, 20, 100)
+
+
 def main(argv: list[str] | None = None) -> None:
     _keep_big_buffers_out_of_the_heap()
+    _collect_cycles_less_often()
     as_json = "--json" in (argv if argv is not None else sys.argv[1:])
     try:
         cli.main(args=argv, prog_name="drtool", standalone_mode=False)

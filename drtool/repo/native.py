@@ -382,19 +382,27 @@ class NativeRepository(Repository):
         fetcher = _PackFetcher(self)
         writers = ThreadPoolExecutor(WRITERS, thread_name_prefix="drtool-write")
         writes: collections.deque[Future] = collections.deque()
-        batch: list[tuple[Path, str, dict]] = []  # files for one writer task
+        batch: list[tuple[str, str, dict]] = []  # files for one writer task
         batch_bytes = 0
-        dir_times: list[tuple[Path, dict]] = []  # applied last: writing into a dir changes its mtime
+        dir_times: list[tuple[str, dict]] = []  # applied last: writing into a dir changes its mtime
         small = _SmallBlobs()
         ops = self._walk(ref["tree"], "")
         window: collections.deque = collections.deque()
+        dest_name = str(dest)
 
         def submit_batch() -> None:
-            nonlocal batch, batch_bytes, submitted
+            """Hand the batch to a writer; collect the batches that finished (not per file:
+            asking a future costs a lock), waiting while too many are in flight."""
+            nonlocal batch, batch_bytes, submitted, done
             if batch:
                 writes.append(writers.submit(self._restore_files, batch, fetcher, small, progress))
                 submitted += 1
                 batch, batch_bytes = [], 0
+            while len(writes) > WRITES_IN_FLIGHT or (writes and writes[0].done()):
+                writes.popleft().result()
+                done += 1
+            while folders_waiting and folders_waiting[0][0] <= done:
+                on_folder_done(folders_waiting.popleft()[1])
 
         try:
             while True:
@@ -418,7 +426,7 @@ class NativeRepository(Repository):
                 if not window:
                     break
                 kind, path, entry = window.popleft()
-                target = dest / path
+                target = f"{dest_name}/{path}"  # a str: a Path per file costs more than writing it
                 if kind == "dir":
                     os.mkdir(target, 0o700)
                     stats.dirs += 1
@@ -426,7 +434,7 @@ class NativeRepository(Repository):
                     dir_times.append((target, entry))
                     if on_folder_done and "/" not in path:
                         submit_batch()
-                        folders_waiting.append((submitted, target))
+                        folders_waiting.append((submitted, Path(target)))
                 elif kind == "symlink":
                     os.symlink(entry["target"], target)
                 elif kind == "file":
@@ -440,11 +448,6 @@ class NativeRepository(Repository):
                     raise IntegrityError(f"{path}: unknown entry type {kind!r} in tree")
                 if not window:
                     submit_batch()  # what waits for the look-ahead must not wait for a full batch
-                while len(writes) > WRITES_IN_FLIGHT or (writes and writes[0].done()):
-                    writes.popleft().result()
-                    done += 1
-                while folders_waiting and folders_waiting[0][0] <= done:
-                    on_folder_done(folders_waiting.popleft()[1])
             submit_batch()
             while writes:
                 writes.popleft().result()
@@ -458,7 +461,7 @@ class NativeRepository(Repository):
             fetcher.close()
         return stats
 
-    def _restore_files(self, files: list[tuple[Path, str, dict]], fetcher: "_PackFetcher",
+    def _restore_files(self, files: list[tuple[str, str, dict]], fetcher: "_PackFetcher",
                        small: "_SmallBlobs", progress: Progress) -> None:
         nbytes = 0
         for target, path, entry in files:
@@ -466,7 +469,7 @@ class NativeRepository(Repository):
             nbytes += entry["size"]
         progress.advance(files=len(files), nbytes=nbytes)
 
-    def _restore_file(self, target: Path, path: str, entry: dict, fetcher: "_PackFetcher", small: "_SmallBlobs") -> None:
+    def _restore_file(self, target: str, path: str, entry: dict, fetcher: "_PackFetcher", small: "_SmallBlobs") -> None:
         # Created with its final mode where the umask allows it: one chmod call fewer per file.
         # A large file is written past the page cache (directio): the restore will not read it.
         mode, size = entry["mode"], entry["size"]
