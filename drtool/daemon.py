@@ -263,8 +263,8 @@ class _MeteredSession:
     def store_tree(self, spec, parent_ref, progress):
         return self._measure("tree", lambda: self._s.store_tree(spec, parent_ref, progress))
 
-    def store_stream(self, name, pieces, progress):
-        return self._measure("stream", lambda: self._s.store_stream(name, pieces, progress))
+    def store_stream(self, name, pieces, progress, level=None):
+        return self._measure("stream", lambda: self._s.store_stream(name, pieces, progress, level))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -291,3 +291,23 @@ def test_once_runs_each_job_and_reports_failure(local_node):
     (local_node.dir / "repo").write_text("not a repository folder")  # so it cannot be created either
     proc = local_node.run("daemon", "--policy", str(policy), "--once", check=1)
     assert "backup failure" in proc.stderr
+
+
+def test_a_scheduled_backup_stores_streams_with_their_own_level(tmp_path):
+    """The daemon's metering session passes a stream's compression level on: the PostgreSQL
+    source asks for [postgres] compression_level, and a session that took three arguments made
+    every scheduled PostgreSQL backup fail with a TypeError."""
+    from drtool.progress import Progress
+    from drtool.repo.native import NativeRepository
+    from drtool.repo.objectstore import LocalStore
+
+    store = LocalStore(tmp_path / "repo")
+    NativeRepository.init(store)
+    metered = daemon_mod._MeteredRepo(NativeRepository(store))
+    session = metered.begin_backup()
+    data = os.urandom(50_000) * 4
+    ref = session.store_stream("postgres.dump", iter([data]), Progress("test"), 7)
+    manifest = session.commit({"time": "2026-01-01T00:00:00Z", "sources": {"postgres": ref}})
+    assert metered.items == [(ref["stream"], len(data))]
+    assert metered.per_source(manifest, 1000) == {"postgres": (len(data), 1000)}
+    assert b"".join(NativeRepository(store).read_stream(ref)) == data
