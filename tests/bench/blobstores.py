@@ -10,7 +10,8 @@ warms the page cache, then times on the same data:
   full restore   drtool restore              | restic restore
 and prints each figure, the ratios drtool/restic and drtool/(tar|zstd), and drtool's peak memory
 (max RSS of its process, from wait4). Every tool runs as a child process of this one.
-Run it on a filesystem that has not just deleted many files: on ext4 without a journal (this
+Each tool starts after a sync, so none pays for writing back what the one before it (or
+the sample's build) left dirty. Run it on a filesystem that has not just deleted many files: on ext4 without a journal (this
 project's build machine), creating files is 20x slower for minutes after a mass delete, which
 swamps every restore figure. `--dir` on a fresh (loop-mounted) ext4 avoids that.
 Targets (issue 2): drtool/restic <= 0.4 first backup, <= 0.5 incremental and restore;
@@ -36,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def run(argv: list[str], env: dict | None = None, stdout=subprocess.DEVNULL, shell: bool = False) -> tuple[float, int]:
     """(seconds, max RSS in KiB) of one child process."""
+    os.sync()  # no tool pays for writing back what the one before it (or the sample) left dirty
     started = time.perf_counter()
     proc = subprocess.Popen(argv, env=env, stdout=stdout, stderr=subprocess.PIPE, shell=shell)
     _pid, status, usage = os.wait4(proc.pid, 0)
@@ -147,6 +149,7 @@ def main() -> None:
 def _restic_backup(repo: Path, node_dir: Path, env: dict) -> tuple[float, int]:
     argv = ["restic", "backup", "--repo", str(repo), "-q", "--compression", "auto",
             "--exclude", "*.tmp", "--exclude", "subtree_quorum", "."]
+    os.sync()
     started = time.perf_counter()
     proc = subprocess.run(argv, env=env, cwd=node_dir, capture_output=True)
     if proc.returncode != 0:
