@@ -333,9 +333,10 @@ class NativeRepository(Repository):
             raise IntegrityError(f"{where}: blob {blob_id[:16]} is not in any pack")
         return loc
 
-    def read_blob(self, blob_id: str, where: str, body: bytes | None = None, view: bool = False) -> bytes:
+    def read_blob(self, blob_id: str, where: str, body: bytes | None = None, view: bool = False,
+                  loc: Location | None = None) -> bytes:
         """A blob's bytes, checked against its id (a view into the pack's body if `view`)."""
-        loc = self.locate(blob_id, where)
+        loc = loc or self.locate(blob_id, where)
         if body is None:
             body = self._pack_body(loc.pack)
         data = (memoryview(body) if view else body)[loc.offset:loc.offset + loc.length]
@@ -463,13 +464,22 @@ class NativeRepository(Repository):
 
     def _restore_files(self, files: list[tuple[str, str, dict]], fetcher: "_PackFetcher",
                        small: "_SmallBlobs", progress: Progress) -> None:
+        # The pack bodies this batch uses, asked of the fetcher once each and released together
+        # at the end: the files of a batch mostly share a pack, and each ask takes locks.
+        bodies: dict[str, bytes] = {}
+        uses: collections.Counter = collections.Counter()
         nbytes = 0
-        for target, path, entry in files:
-            self._restore_file(target, path, entry, fetcher, small)
-            nbytes += entry["size"]
+        try:
+            for target, path, entry in files:
+                self._restore_file(target, path, entry, fetcher, small, bodies, uses)
+                nbytes += entry["size"]
+        finally:
+            for pack_key, n in uses.items():
+                fetcher.release(pack_key, n)
         progress.advance(files=len(files), nbytes=nbytes)
 
-    def _restore_file(self, target: str, path: str, entry: dict, fetcher: "_PackFetcher", small: "_SmallBlobs") -> None:
+    def _restore_file(self, target: str, path: str, entry: dict, fetcher: "_PackFetcher", small: "_SmallBlobs",
+                      bodies: dict[str, bytes], uses: collections.Counter) -> None:
         # Created with its final mode where the umask allows it: one chmod call fewer per file.
         # A large file is written past the page cache (directio): the restore will not read it.
         mode, size = entry["mode"], entry["size"]
@@ -481,9 +491,12 @@ class NativeRepository(Repository):
             written = 0
             for blob_id, loc, data in zip(entry["content"], entry["_locs"], entry["_data"]):
                 if data is None:
-                    data = self.read_blob(blob_id, path, fetcher.body(loc.pack))
+                    body = bodies.get(loc.pack)
+                    if body is None:
+                        body = bodies[loc.pack] = fetcher.body(loc.pack)
+                    data = self.read_blob(blob_id, path, body, loc=loc)
                     small.put(blob_id, data)  # before the pack may go: the walker looks here first
-                    fetcher.release(loc.pack)
+                    uses[loc.pack] += 1
                 if whole:
                     whole.update(data)
                 if direct:
@@ -518,7 +531,7 @@ class NativeRepository(Repository):
                 while ahead < len(locs) and (ahead <= i or fetcher.pending() < RESTORE_PACKS_AHEAD):
                     fetcher.want(locs[ahead].pack)
                     ahead += 1
-                data = self.read_blob(blob_id, where, fetcher.body(loc.pack), view=views)
+                data = self.read_blob(blob_id, where, fetcher.body(loc.pack), view=views, loc=loc)
                 fetcher.release(loc.pack)
                 whole.update(data)
                 size += len(data)
@@ -704,9 +717,9 @@ class _PackFetcher:
             fut = self.futures[pack_key]
         return fut.result()
 
-    def release(self, pack_key: str) -> None:
+    def release(self, pack_key: str, uses: int = 1) -> None:
         with self.lock:
-            self.refs[pack_key] -= 1
+            self.refs[pack_key] -= uses
             if self.refs[pack_key] <= 0:
                 del self.refs[pack_key]
                 fut = self.futures.pop(pack_key, None)
