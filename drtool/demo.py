@@ -55,7 +55,7 @@ def write_config(directory: Path, data_dir: Path, repo_url: str, pg_dsn: str | N
     sections = {
         "node": {"name": "demo-node", "data_dir": str(data_dir), "quiesce": "offline",
                  "state_dir": str(directory / "state")},
-        "repository": {"url": repo_url, "compression_level": 1},
+        "repository": {"url": repo_url},
         "blobstores": {"external": "external", "subtreestore": "subtreestore", "blockstore": "blockstore"},
         "files": {"paths": ["p2p.key"]},
     }

@@ -29,7 +29,7 @@ def render_config(*, settings_path: Path | None, context: str | None, data_dir: 
             "start_command": ["docker", "compose", "start", *QUICKSTART_SERVICES],
             "max_quiesce": "30m",
         },
-        "repository": {"url": repo_url or "file:///var/backups/drtool/teranode-1", "compression_level": 1},
+        "repository": {"url": repo_url or "file:///var/backups/drtool/teranode-1", "compression_level": -1},
     }
     if stores.get("postgres_dsn"):
         sections["postgres"] = {"dsn": stores["postgres_dsn"]}

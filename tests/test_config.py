@@ -60,9 +60,24 @@ def test_valid_config_resolves_paths(tmp_path):
     (BASE + '[aerospike]\nhosts = ["h:3000"]\nengine = "magic"\n', "drtool.toml: [aerospike] engine: expected one of"),
     (BASE + "[blobstores]\nexternal = 3\n", "drtool.toml: [blobstores] external: expected a path"),
     (BASE + '[files]\npaths = "p2p.key"\n', "drtool.toml: [files] paths: expected a list of strings"),
+    (BASE.replace('url = "file:///tmp/repo"', 'url = "file:///r"\ncompression_level = 0'),
+     "drtool.toml: [repository] compression_level: expected 1..22 or a fast level -7..-1, got 0"),
+    (BASE.replace('url = "file:///tmp/repo"', 'url = "file:///r"\ncompression_level = -8'),
+     "drtool.toml: [repository] compression_level: expected 1..22 or a fast level -7..-1, got -8"),
+    (BASE + '[postgres]\ndsn = "dbname=t"\ncompression_level = 23\n', "drtool.toml: [postgres] compression_level: expected 1..22"),
+    (BASE + '[aerospike]\nhosts = ["h:3000"]\ncompression_level = 0\n', "drtool.toml: [aerospike] compression_level: expected 1..22"),
 ])
 def test_bad_config_names_file_section_and_key(tmp_path, text, expected):
     assert expected in load_error(tmp_path, text)
+
+
+def test_compression_levels_default_to_fast_for_blobs_and_1_for_text_streams(tmp_path):
+    """Blob packs at zstd's fast level -1 (hashes do not entropy-code); the pg_dump and asbackup
+    streams, which are text, at level 1; any level can be set, fast ones included."""
+    cfg = config.load(write(tmp_path, BASE + '[postgres]\ndsn = "dbname=t"\n[aerospike]\nhosts = ["h:3000"]\n'), env={})
+    assert (cfg.repository.compression_level, cfg.postgres.compression_level, cfg.aerospike.compression_level) == (-1, 1, 1)
+    cfg = config.load(write(tmp_path, BASE.replace('url = "file:///tmp/repo"', 'url = "file:///r"\ncompression_level = -7')), env={})
+    assert cfg.repository.compression_level == -7
 
 
 def test_environment_overrides(tmp_path):

@@ -227,3 +227,29 @@ def test_a_stream_reads_back_the_same_as_views_or_copies(tmp_path):
     assert all(isinstance(v, memoryview) for v in views) and b"".join(views) == data
     copies = list(repo.read_stream(ref))
     assert all(isinstance(c, bytes) for c in copies) and b"".join(copies) == data
+
+
+def test_fast_level_packs_data_but_entropy_codes_trees(tmp_path):
+    """At the default fast level (-1) a data pack of hex text is stored as it is (no entropy
+    coding), while the tree packs (JSON full of hex ids) are sealed at level 1 and shrink."""
+    src = tmp_path / "src"
+    rng = random.Random(6)
+    for d in range(4):
+        (src / f"{d:02x}").mkdir(parents=True)
+        for i in range(300):
+            (src / f"{d:02x}" / f"{rng.randbytes(32).hex()}.tx").write_text(rng.randbytes(400).hex())
+    store = LocalStore(tmp_path / "repo")
+    NativeRepository.init(store)
+    repo = NativeRepository(store)
+    assert repo.level == -1
+    session = repo.begin_backup()
+    session.store_tree(TreeSpec("store", src), None, Progress("test"))
+    session.commit({"test": True})
+    ratios = {}
+    for path in (tmp_path / "repo" / "data").rglob("*"):
+        if path.is_file():
+            obj = path.read_bytes()
+            kinds = {e[0] for e in pack.read_header(obj, path.name)}
+            ratios[kinds.pop() if len(kinds) == 1 else "mixed"] = len(obj) / len(pack.decode_body(obj, path.name))
+    assert ratios["d"] > 0.9, ratios  # hex: only matches would shrink it, and it has none
+    assert ratios["t"] < 0.45, ratios  # JSON of hex ids: 0.33 at level 1, 0.62 at -1

@@ -354,7 +354,7 @@ def test_version_and_compression_mapping(tmp_path):
     old.chmod(0o755)
     with pytest.raises(ConfigError, match="0.12.1.*0.14 or newer"):
         find_restic(str(old))
-    assert [compression_mode(level) for level in (1, 3, 9, 10, 19)] == ["auto"] * 3 + ["max"] * 2
+    assert [compression_mode(level) for level in (-7, -1, 1, 3, 9, 10, 19)] == ["auto"] * 5 + ["max"] * 2
 
 
 def test_create_initialises_format_2_locally_and_on_s3(tmp_path, s3_bucket, monkeypatch):

@@ -106,7 +106,7 @@ def _check_entry(entry: Any, where: str) -> None:
 
 
 class NativeRepository(Repository):
-    def __init__(self, store: ObjectStore, compression_level: int = 1):
+    def __init__(self, store: ObjectStore, compression_level: int = -1):
         self.store = store
         self.url = store.url
         self.level = compression_level
@@ -766,7 +766,7 @@ class _Packer:
             if len(self.buffers[kind]) >= PACK_SIZE:
                 sealed, self.buffers[kind] = self.buffers[kind], pack.PackBuffer()
         if sealed is not None:
-            self._submit(sealed, self.level)
+            self._submit(sealed, self._level(kind))
         return True
 
     def add_many(self, blobs: list[tuple[str, str, bytes]]) -> None:
@@ -779,10 +779,15 @@ class _Packer:
                 self.pending.add(blob_id)
                 self.buffers[kind].add(kind, blob_id, data)
                 if len(self.buffers[kind]) >= PACK_SIZE:
-                    sealed_packs.append(self.buffers[kind])
+                    sealed_packs.append((kind, self.buffers[kind]))
                     self.buffers[kind] = pack.PackBuffer()
-        for sealed in sealed_packs:
-            self._submit(sealed, self.level)
+        for kind, sealed in sealed_packs:
+            self._submit(sealed, self._level(kind))
+
+    def _level(self, kind: str) -> int:
+        """Trees are JSON full of hex ids, which only entropy coding shrinks: at least level 1
+        for them, whatever fast level the data packs use (-1 stored them 1.9x larger)."""
+        return max(self.level, 1) if kind == pack.TREE else self.level
 
     def _submit(self, blobs: pack.PackBuffer, level: int) -> None:
         self._raise_failed()
@@ -835,7 +840,7 @@ class _Packer:
             with self.lock:
                 sealed, self.buffers[kind] = self.buffers[kind], pack.PackBuffer()
             if len(sealed):
-                self._submit(sealed, self.level)
+                self._submit(sealed, self._level(kind))
         for fut in self.futures:
             fut.result()
         self.futures.clear()

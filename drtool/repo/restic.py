@@ -61,9 +61,8 @@ _versions: dict[str, tuple[int, int, int]] = {}
 
 
 def compression_mode(level: int) -> str:
-    """restic 0.14 knows off/auto/max, not levels: drtool's zstd levels above 9 ask for max."""
-    if level <= 0:
-        return "off"
+    """restic 0.14 knows off/auto/max, not levels: drtool's zstd levels above 9 ask for max,
+    the rest (fast levels too) for auto, restic's fastest that compresses."""
     return "max" if level >= 10 else "auto"
 
 

@@ -1055,15 +1055,15 @@ def _chain_of(parent_src: dict | None) -> list[tuple[str, dict]]:
     return sorted((k, v) for k, v in items.items() if k != "live-digests")
 
 
-def _store_asb(session, engine, name: str, progress, modified_after: datetime | None) -> dict[str, Any]:
+def _store_asb(session, engine, name: str, progress, modified_after: datetime | None, level: int) -> dict[str, Any]:
     if isinstance(engine, ToolEngine):
         counter = SetCounter()
         with engine.backup_stream(modified_after) as stream:
-            ref = session.store_stream(name, counter.wrap(stream), progress)
+            ref = session.store_stream(name, counter.wrap(stream), progress, level)
         counts = counter.counts
     else:
         pieces, result = _pump_writes(lambda f: engine.backup(f, modified_after=modified_after))
-        ref = session.store_stream(name, pieces, progress)
+        ref = session.store_stream(name, pieces, progress, level)
         counts = result["value"]["sets"]
     return {**ref, "record_counts": counts, "records": sum(counts.values())}
 
@@ -1085,7 +1085,7 @@ def backup(session, aero_cfg, parent_src: dict | None = None, parent_time: datet
     since = parent_time - timedelta(seconds=INCREMENTAL_MARGIN) if incremental else None
     try:
         with Progress("backup aerospike" + (" (incremental)" if incremental else "")) as progress:
-            ref = _store_asb(session, engine, "aerospike.asb", progress, since)
+            ref = _store_asb(session, engine, "aerospike.asb", progress, since, aero_cfg.compression_level)
             if not aero_cfg.incremental:
                 return {**ref, **source}
             native = _native_for(engine, aero_cfg, None)
