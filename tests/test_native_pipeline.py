@@ -122,13 +122,16 @@ def _evict(path) -> None:
 
 @pytest.mark.skipif(native._NOWAIT is None, reason="RWF_NOWAIT is Linux-only: every file goes to the readers")
 def test_cached_files_are_read_by_the_walker_and_the_rest_by_readers(tmp_path, monkeypatch):
+    """Both walker paths: files the parent does not have (opened once, fstat for their stat)
+    and changed files (stat first, then compared with the parent entry)."""
     src = tmp_path / "src"
     rng = random.Random(3)
     for d in range(6):
         (src / f"{d:02x}").mkdir(parents=True)
         for i in range(40):
             (src / f"{d:02x}" / f"{i:03d}.tx").write_bytes(rng.randbytes(rng.randrange(200, 3000)))
-    evicted = sorted(src.rglob("*.tx"))[::2]
+    files = sorted(src.rglob("*.tx"))
+    evicted = files[::2]
     for p in evicted:
         _evict(p)
     fd = os.open(evicted[0], os.O_RDONLY)
@@ -140,14 +143,20 @@ def test_cached_files_are_read_by_the_walker_and_the_rest_by_readers(tmp_path, m
     finally:
         os.close(fd)
     outcomes = {"walker": 0, "readers": 0}
-    read_cached = native.NativeBackup._read_cached
+    read_first_seen, read_cached = native.NativeBackup._read_first_seen, native.NativeBackup._read_cached
 
-    def spy(path, before):
+    def spy_first_seen(path):
+        found = read_first_seen(path)
+        outcomes["walker" if found and found[0] == "read" else "readers"] += 1
+        return found
+
+    def spy_cached(path, before):
         found = read_cached(path, before)
         outcomes["walker" if found is not None else "readers"] += 1
         return found
 
-    monkeypatch.setattr(native.NativeBackup, "_read_cached", staticmethod(spy))
+    monkeypatch.setattr(native.NativeBackup, "_read_first_seen", staticmethod(spy_first_seen))
+    monkeypatch.setattr(native.NativeBackup, "_read_cached", staticmethod(spy_cached))
     repo, ref = _backup(tmp_path / "repo", src)
     # Evicted pages cannot be read without waiting for the disk: those went to the readers.
     assert outcomes["readers"] >= len(evicted) // 2 and outcomes["walker"] >= 100, outcomes
@@ -156,26 +165,64 @@ def test_cached_files_are_read_by_the_walker_and_the_rest_by_readers(tmp_path, m
     repo.restore_tree(ref, dest, Progress("test"))
     assert _tree(dest) == _tree(src)
 
+    # Every file changed: the parent has them all, so each is stat-ed and compared first.
+    for p in files:
+        p.write_bytes(p.read_bytes() + b"+")
+    for p in evicted:
+        _evict(p)
+    outcomes.update(walker=0, readers=0)
+    session = repo.begin_backup()
+    ref2 = session.store_tree(TreeSpec("store", src), ref, Progress("test"))
+    session.commit({"test": True})
+    assert outcomes["readers"] >= len(evicted) // 2 and outcomes["walker"] >= 100, outcomes
+    dest2 = tmp_path / "dest2"
+    dest2.mkdir()
+    repo.restore_tree(ref2, dest2, Progress("test"))
+    assert _tree(dest2) == _tree(src)
 
-def test_a_file_changed_under_the_walker_is_read_again_by_a_reader(tmp_path, monkeypatch):
+
+def test_a_file_changed_under_the_walker_is_read_again(tmp_path, monkeypatch):
+    """Changed between its stat and its read, a file is read again, whole: on the first-seen
+    path (fstat, then the read) and on the path that stats first to compare with the parent."""
     src = tmp_path / "src"
     src.mkdir()
     victim = src / "a.tx"
     victim.write_bytes(b"first version")
     (src / "b.tx").write_bytes(b"other")
-    read_cached = native.NativeBackup._read_cached
+    real_preadv = os.preadv
+    changed = []
 
-    def change_then_read(path, before):
-        if path.endswith("a.tx"):
+    def change_then_preadv(fd, buffers, offset, *flags):
+        if not changed and os.readlink(f"/proc/self/fd/{fd}").endswith("a.tx"):
+            changed.append(fd)
             victim.write_bytes(b"second, longer version")
-        return read_cached(path, before)
+        return real_preadv(fd, buffers, offset, *flags)
 
-    monkeypatch.setattr(native.NativeBackup, "_read_cached", staticmethod(change_then_read))
+    monkeypatch.setattr(os, "preadv", change_then_preadv)
     repo, ref = _backup(tmp_path / "repo", src)
+    monkeypatch.setattr(os, "preadv", real_preadv)
+    assert changed
     dest = tmp_path / "dest"
     dest.mkdir()
     repo.restore_tree(ref, dest, Progress("test"))
     assert (dest / "a.tx").read_bytes() == b"second, longer version"
+
+    read_cached = native.NativeBackup._read_cached
+
+    def change_then_read(path, before):
+        if path.endswith("a.tx"):
+            victim.write_bytes(b"third version, longer still")
+        return read_cached(path, before)
+
+    victim.write_bytes(b"changed since the parent")
+    monkeypatch.setattr(native.NativeBackup, "_read_cached", staticmethod(change_then_read))
+    session = repo.begin_backup()
+    ref2 = session.store_tree(TreeSpec("store", src), ref, Progress("test"))
+    session.commit({"test": True})
+    dest2 = tmp_path / "dest2"
+    dest2.mkdir()
+    repo.restore_tree(ref2, dest2, Progress("test"))
+    assert (dest2 / "a.tx").read_bytes() == b"third version, longer still"
 
 
 # ---- restore: deduplicated tiny blobs -----------------------------------------------------------

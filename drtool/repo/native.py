@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import random
+import stat as stat_mod
 import threading
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -955,8 +956,27 @@ class NativeBackup(BackupSession):
                 elif de.is_file(follow_symlinks=False):
                     if spec.exclude(relpath, False):
                         continue
-                    st = de.stat(follow_symlinks=False)
                     pe = parent.get(de.name)
+                    if pe is None and (first := self._read_first_seen(de.path)) is not None:
+                        # No parent entry to compare a stat with: the open file's fstat serves
+                        # (one lstat fewer per new file, a tenth of the walk's syscalls).
+                        how, data, st = first
+                        if how == "read":
+                            cached.append((de.name, (data, st)))
+                            pending.bytes += st.st_size
+                            if len(cached) >= BATCH_FILES:
+                                items.append(_done(self._small_entries(cached, progress)))
+                                cached = []
+                            continue
+                        if how == "uncached":
+                            batch.append((de.path, de.name, st))
+                            batch_bytes += st.st_size
+                            pending.bytes += st.st_size
+                            if len(batch) >= BATCH_FILES or batch_bytes >= BATCH_BYTES:
+                                items.append(self.readers.submit(self._store_files, batch, progress))
+                                batch, batch_bytes = [], 0
+                            continue
+                    st = de.stat(follow_symlinks=False)
                     if (pe and pe["type"] == "file" and pe["size"] == st.st_size and pe["mtime_ns"] == st.st_mtime_ns
                             and all(c in self.repo.index for c in pe["content"])):
                         items.append({**pe, "mode": st.st_mode & 0o7777})
@@ -1067,6 +1087,37 @@ class NativeBackup(BackupSession):
         return out, blobs
 
     @staticmethod
+    def _read_first_seen(path: str) -> tuple[str, bytearray | None, os.stat_result] | None:
+        """A file the parent snapshot does not have, opened once: ("read", bytes, stat) when it
+        is small and all in the page cache, ("uncached", None, stat) when small but not all
+        cached (for the readers), None otherwise (big, gone, not a regular file, changed while
+        read): the caller takes the ordinary way, which stats it first."""
+        if _NOWAIT is None:
+            return None
+        try:
+            # O_NONBLOCK: a FIFO swapped in since the walk must not block the walker
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            st = os.fstat(fd)
+            if not stat_mod.S_ISREG(st.st_mode) or st.st_size >= chunker.SINGLE_BLOB_LIMIT:
+                return None
+            data = bytearray(st.st_size + 1)
+            try:
+                n = os.preadv(fd, [data], 0, _NOWAIT)
+            except BlockingIOError:
+                return "uncached", None, st
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+        if n != st.st_size:  # changed since the fstat: the ordinary way reads it again
+            return None
+        del data[n:]
+        return "read", data, st
+
+    @staticmethod
     def _read_cached(path: str, before: os.stat_result) -> tuple[bytearray, os.stat_result] | None:
         """A small file's bytes, read in the walking thread, if the page cache holds them all
         (RWF_NOWAIT): handing a cached file to a reader thread costs more than reading it
@@ -1075,7 +1126,8 @@ class NativeBackup(BackupSession):
         if _NOWAIT is None:
             return None
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            # O_NONBLOCK: a FIFO swapped in since the walk must not block the walker
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError:
             return None
         try:
