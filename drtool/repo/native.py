@@ -495,7 +495,9 @@ class NativeRepository(Repository):
                     body = bodies.get(loc.pack)
                     if body is None:
                         body = bodies[loc.pack] = fetcher.body(loc.pack)
-                    data = self.read_blob(blob_id, path, body, loc=loc)
+                    # A view into the pack's body, not a copy (a copy holds the interpreter lock
+                    # for every byte restored); `bodies` keeps the body until the batch is done.
+                    data = self.read_blob(blob_id, path, body, view=True, loc=loc)
                     small.put(blob_id, data)  # before the pack may go: the walker looks here first
                     uses[loc.pack] += 1
                 if whole:
