@@ -142,24 +142,21 @@ def test_cached_files_are_read_by_the_walker_and_the_rest_by_readers(tmp_path, m
         pass
     finally:
         os.close(fd)
-    outcomes = {"walker": 0, "readers": 0}
-    read_first_seen, read_cached = native.NativeBackup._read_first_seen, native.NativeBackup._read_cached
+    outcomes = {"walker": 0, "readers": 0, "paths": set()}
+    read_cached = native.NativeBackup._read_cached
 
-    def spy_first_seen(path):
-        found = read_first_seen(path)
-        outcomes["walker" if found and found[0] == "read" else "readers"] += 1
-        return found
-
-    def spy_cached(path, before):
+    def spy(path, before):
         found = read_cached(path, before)
-        outcomes["walker" if found is not None else "readers"] += 1
+        if found is not None:
+            outcomes["walker" if found[0] == "read" else "readers"] += 1
+            outcomes["paths"].add("first seen" if before is None else "stat first")
         return found
 
-    monkeypatch.setattr(native.NativeBackup, "_read_first_seen", staticmethod(spy_first_seen))
-    monkeypatch.setattr(native.NativeBackup, "_read_cached", staticmethod(spy_cached))
+    monkeypatch.setattr(native.NativeBackup, "_read_cached", staticmethod(spy))
     repo, ref = _backup(tmp_path / "repo", src)
     # Evicted pages cannot be read without waiting for the disk: those went to the readers.
     assert outcomes["readers"] >= len(evicted) // 2 and outcomes["walker"] >= 100, outcomes
+    assert outcomes["paths"] == {"first seen"}
     dest = tmp_path / "dest"
     dest.mkdir()
     repo.restore_tree(ref, dest, Progress("test"))
@@ -170,11 +167,12 @@ def test_cached_files_are_read_by_the_walker_and_the_rest_by_readers(tmp_path, m
         p.write_bytes(p.read_bytes() + b"+")
     for p in evicted:
         _evict(p)
-    outcomes.update(walker=0, readers=0)
+    outcomes.update(walker=0, readers=0, paths=set())
     session = repo.begin_backup()
     ref2 = session.store_tree(TreeSpec("store", src), ref, Progress("test"))
     session.commit({"test": True})
     assert outcomes["readers"] >= len(evicted) // 2 and outcomes["walker"] >= 100, outcomes
+    assert outcomes["paths"] == {"stat first"}
     dest2 = tmp_path / "dest2"
     dest2.mkdir()
     repo.restore_tree(ref2, dest2, Progress("test"))

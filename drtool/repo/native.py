@@ -959,39 +959,28 @@ class NativeBackup(BackupSession):
                     if spec.exclude(relpath, False):
                         continue
                     pe = parent.get(de.name)
-                    if pe is None and (first := self._read_first_seen(de.path)) is not None:
-                        # No parent entry to compare a stat with: the open file's fstat serves
-                        # (one lstat fewer per new file, a tenth of the walk's syscalls).
-                        how, data, st = first
-                        if how == "read":
-                            cached.append((de.name, (data, st)))
-                            pending.bytes += st.st_size
-                            if len(cached) >= BATCH_FILES:
-                                items.append(_done(self._small_entries(cached, progress)))
-                                cached = []
+                    # A file the parent does not have is opened straight away, the open file's
+                    # fstat serving as its stat: no lstat, whose path lookup cost more.
+                    found = self._read_cached(de.path, None) if pe is None else None
+                    if found is None:
+                        st = de.stat(follow_symlinks=False)
+                        if (pe and pe["type"] == "file" and pe["size"] == st.st_size
+                                and pe["mtime_ns"] == st.st_mtime_ns and all(c in self.repo.index for c in pe["content"])):
+                            items.append({**pe, "mode": st.st_mode & 0o7777})
+                            with self._stats_lock:
+                                self.stats.files_unchanged += 1
+                            progress.advance(files=1, nbytes=st.st_size)
                             continue
-                        if how == "uncached":
-                            batch.append((de.path, de.name, st))
-                            batch_bytes += st.st_size
-                            pending.bytes += st.st_size
-                            if len(batch) >= BATCH_FILES or batch_bytes >= BATCH_BYTES:
-                                items.append(self.readers.submit(self._store_files, batch, progress))
-                                batch, batch_bytes = [], 0
+                        if st.st_size >= chunker.SINGLE_BLOB_LIMIT:
+                            items.append(self.readers.submit(self._store_files, [(de.path, de.name, st)], progress))
+                            if st.st_size < HELD_FILE_LIMIT:
+                                pending.bytes += st.st_size
                             continue
-                    st = de.stat(follow_symlinks=False)
-                    if (pe and pe["type"] == "file" and pe["size"] == st.st_size and pe["mtime_ns"] == st.st_mtime_ns
-                            and all(c in self.repo.index for c in pe["content"])):
-                        items.append({**pe, "mode": st.st_mode & 0o7777})
-                        with self._stats_lock:
-                            self.stats.files_unchanged += 1
-                        progress.advance(files=1, nbytes=st.st_size)
-                    elif st.st_size >= chunker.SINGLE_BLOB_LIMIT:
-                        items.append(self.readers.submit(self._store_files, [(de.path, de.name, st)], progress))
-                        if st.st_size < HELD_FILE_LIMIT:
-                            pending.bytes += st.st_size
-                    elif (found := self._read_cached(de.path, st)) is not None:
-                        cached.append((de.name, found))
-                        pending.bytes += st.st_size
+                        found = self._read_cached(de.path, st) or ("uncached", None, st)
+                    how, data, st = found
+                    pending.bytes += st.st_size
+                    if how == "read":
+                        cached.append((de.name, (data, st)))
                         if len(cached) >= BATCH_FILES:
                             items.append(_done(self._small_entries(cached, progress)))
                             cached = []
@@ -1000,7 +989,6 @@ class NativeBackup(BackupSession):
                         # than reading the file.
                         batch.append((de.path, de.name, st))
                         batch_bytes += st.st_size
-                        pending.bytes += st.st_size
                         if len(batch) >= BATCH_FILES or batch_bytes >= BATCH_BYTES:
                             items.append(self.readers.submit(self._store_files, batch, progress))
                             batch, batch_bytes = [], 0
@@ -1089,11 +1077,15 @@ class NativeBackup(BackupSession):
         return out, blobs
 
     @staticmethod
-    def _read_first_seen(path: str) -> tuple[str, bytearray | None, os.stat_result] | None:
-        """A file the parent snapshot does not have, opened once: ("read", bytes, stat) when it
-        is small and all in the page cache, ("uncached", None, stat) when small but not all
-        cached (for the readers), None otherwise (big, gone, not a regular file, changed while
-        read): the caller takes the ordinary way, which stats it first."""
+    def _read_cached(path: str, before: os.stat_result | None) -> tuple[str, bytearray | None, os.stat_result] | None:
+        """A small file's bytes, read in the walking thread, if the page cache holds them all
+        (RWF_NOWAIT): handing a cached file to a reader thread costs more than reading it
+        (measured: 100k tx files, 9.1 s -> 6.9 s). `before` is the walk's stat, or None for a
+        file the parent does not have: then the open file's fstat, and a file too big for here
+        is left to the caller.
+        ("read", bytes, stat after the read) when read as one unchanged version; ("uncached",
+        None, stat) when the read would wait for the disk (a reader thread's work); None
+        otherwise (gone, not a regular file, changed, too big): the caller stats it and decides."""
         if _NOWAIT is None:
             return None
         try:
@@ -1102,48 +1094,24 @@ class NativeBackup(BackupSession):
         except OSError:
             return None
         try:
-            st = os.fstat(fd)
-            if not stat_mod.S_ISREG(st.st_mode) or st.st_size >= chunker.SINGLE_BLOB_LIMIT:
-                return None
-            data = bytearray(st.st_size + 1)
+            if before is None:
+                before = os.fstat(fd)
+                if not stat_mod.S_ISREG(before.st_mode) or before.st_size >= chunker.SINGLE_BLOB_LIMIT:
+                    return None
+            data = bytearray(before.st_size + 1)
             try:
                 n = os.preadv(fd, [data], 0, _NOWAIT)
             except BlockingIOError:
-                return "uncached", None, st
-        except OSError:
-            return None
-        finally:
-            os.close(fd)
-        if n != st.st_size:  # changed since the fstat: the ordinary way reads it again
-            return None
-        del data[n:]
-        return "read", data, st
-
-    @staticmethod
-    def _read_cached(path: str, before: os.stat_result) -> tuple[bytearray, os.stat_result] | None:
-        """A small file's bytes, read in the walking thread, if the page cache holds them all
-        (RWF_NOWAIT): handing a cached file to a reader thread costs more than reading it
-        (measured: 100k tx files, 9.1 s -> 6.9 s). None leaves the file to a reader thread,
-        which waits for the disk and handles files that change or vanish."""
-        if _NOWAIT is None:
-            return None
-        try:
-            # O_NONBLOCK: a FIFO swapped in since the walk must not block the walker
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError:
-            return None
-        try:
-            data = bytearray(before.st_size + 1)
-            n = os.preadv(fd, [data], 0, _NOWAIT)
+                return "uncached", None, before
             after = os.fstat(fd)
-        except OSError:  # EAGAIN: not all cached; EOPNOTSUPP: the filesystem cannot tell
+        except OSError:  # EOPNOTSUPP: the filesystem cannot tell what is cached
             return None
         finally:
             os.close(fd)
         if not _same_version(n, before, after):
             return None
         del data[n:]
-        return data, after
+        return "read", data, after
 
     @staticmethod
     def _read_small(path: str, before: os.stat_result) -> tuple[bytes, os.stat_result] | None:
