@@ -46,6 +46,16 @@ def _cached(path, length: int) -> bool:
         os.close(fd)
 
 
+def _backed_up(repo_dir, src) -> dict:
+    """A snapshot of folder `src` in a new repository at `repo_dir`: its tree reference."""
+    store = LocalStore(repo_dir)
+    NativeRepository.init(store)
+    session = NativeRepository(store).begin_backup()
+    ref = session.store_tree(TreeSpec("store", src), None, Progress("test"))
+    session.commit({"test": True})
+    return ref
+
+
 @pytest.fixture
 def no_refusals():
     """Each test starts and ends with no filesystem marked as refusing O_DIRECT."""
@@ -100,12 +110,7 @@ def test_a_restore_writes_large_files_exactly_with_their_mode_and_mtime(tmp_path
         path.write_bytes(rng.randbytes(size))
         os.chmod(path, 0o640 if i % 2 else 0o604)
         os.utime(path, ns=(1_600_000_000_000_000_000 + i, 1_600_000_000_000_000_000 + i))
-    store = LocalStore(tmp_path / "repo")
-    NativeRepository.init(store)
-    repo = NativeRepository(store)
-    session = repo.begin_backup()
-    ref = session.store_tree(TreeSpec("store", src), None, Progress("test"))
-    session.commit({"test": True})
+    ref = _backed_up(tmp_path / "repo", src)
     dest = tmp_path / "dest"
     NativeRepository(LocalStore(tmp_path / "repo")).restore_tree(ref, dest, Progress("test"))
     if _NOWAIT is not None:  # before anything reads it
@@ -123,12 +128,7 @@ def test_a_restore_that_fails_its_check_leaves_no_large_file_half_written(tmp_pa
     src = tmp_path / "src"
     src.mkdir()
     (src / "big").write_bytes(random.Random(4).randbytes(5 * directio.MIN_SIZE))
-    store = LocalStore(tmp_path / "repo")
-    NativeRepository.init(store)
-    repo = NativeRepository(store)
-    session = repo.begin_backup()
-    ref = session.store_tree(TreeSpec("store", src), None, Progress("test"))
-    session.commit({"test": True})
+    ref = _backed_up(tmp_path / "repo", src)
     walk = native.NativeRepository._walk
 
     def tampered(self, tree_id, rel):
