@@ -11,7 +11,8 @@ warms the page cache, then times on the same data:
 and prints each figure, the ratios drtool/restic and drtool/(tar|zstd), and drtool's peak memory
 (max RSS of its process, from wait4). Every tool runs as a child process of this one.
 Each tool starts after a sync, so none pays for writing back what the one before it (or
-the sample's build) left dirty. Run it on a filesystem that has not just deleted many files: on ext4 without a journal (this
+the sample's build) left dirty; the repositories are read once before the restores, so every
+restore reads its repository from the page cache, as every backup reads the node. Run it on a filesystem that has not just deleted many files: on ext4 without a journal (this
 project's build machine), creating files is 20x slower for minutes after a mass delete, which
 swamps every restore figure. `--dir` on a fresh (loop-mounted) ext4 avoids that.
 Targets (issue 2): drtool/restic <= 0.4 first backup, <= 0.5 incremental and restore;
@@ -109,7 +110,9 @@ def main() -> None:
             results[f"drtool-{engine} incremental"], peak[f"drtool-{engine} incremental"] = run(drtool_argv(cfg, "backup"), env)
         results["restic incremental"], _ = _restic_backup(restic_repo, node_dir, env)
 
-        # full restore
+        # full restore, every repository read from the page cache (as the node was for the
+        # backups): drtool writes its packs past the cache, restic and tar through it
+        run(f"tar -cf - -C {base} {' '.join(f'repo-{e}' for e in cfgs)} restic-plain > /dev/null", shell=True)
         for engine, cfg in cfgs.items():
             target = base / f"restore-{engine}"
             results[f"drtool-{engine} restore"], peak[f"drtool-{engine} restore"] = run(
