@@ -12,7 +12,8 @@ and prints each figure, the ratios drtool/restic and drtool/(tar|zstd), and drto
 (max RSS of its process, from wait4). Every tool runs as a child process of this one.
 Each tool starts after a sync, so none pays for writing back what the one before it (or
 the sample's build) left dirty; the repositories are read once before the restores, so every
-restore reads its repository from the page cache, as every backup reads the node. Run it on a filesystem that has not just deleted many files: on ext4 without a journal (this
+restore reads its repository from the page cache, as every backup reads the node.
+Run it on a filesystem that has not just deleted many files: on ext4 without a journal (this
 project's build machine), creating files is 20x slower for minutes after a mass delete, which
 swamps every restore figure. `--dir` on a fresh (loop-mounted) ext4 avoids that.
 Targets (issue 2): drtool/restic <= 0.4 first backup, <= 0.5 incremental and restore;
