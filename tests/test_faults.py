@@ -262,6 +262,22 @@ def _after_kill_checks(node: Node, store: S3Store) -> None:
     assert data_digest(target) == data_digest(node.data_dir)
 
 
+def _processes_of(config: Path) -> list[int]:
+    """Pids of live drtool processes run with this config (zombies not counted)."""
+    pids = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = open(f"/proc/{entry.name}/cmdline", "rb").read().split(b"\0")
+            state = open(f"/proc/{entry.name}/stat", "rb").read().rsplit(b")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if str(config).encode() in argv and b"drtool.cli" in argv and state != b"Z":
+            pids.append(int(entry.name))
+    return pids
+
+
 def _kill_when(proc: subprocess.Popen, ready, delay: float, timeout: float = 60,
                hold: FaultProxy | None = None, method: str = "GET") -> bool:
     """kill -9 `delay` seconds after `ready()` first holds; False if the run finished first.
@@ -328,6 +344,8 @@ def test_kill_9_during_restore(s3_node):
     # Caught with part of the files written: at least one 4 MiB bulk file's worth.
     killed = _kill_when(proc, lambda: staged_bytes() >= 4 << 20, delay, hold=proxy)
     assert killed, "restore finished before the kill"
+    # Its Teranode-check workers die with it, not idle on as orphans.
+    assert wait_for(lambda: not _processes_of(node.config), timeout=10, every=0.1), _processes_of(node.config)
     # Nothing half-restored is published: only hidden staging folders may be left.
     leftovers = sorted(p.name for p in target.iterdir()) if target.exists() else []
     assert all(".drtool-staging-" in name for name in leftovers), leftovers
