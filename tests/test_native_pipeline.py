@@ -24,6 +24,13 @@ def _tree(root) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+def _restored(repo, ref, dest) -> dict[str, bytes]:
+    """Restore `ref` into a new folder `dest`: what it holds."""
+    dest.mkdir()
+    repo.restore_tree(ref, dest, Progress("test"))
+    return _tree(dest)
+
+
 # ---- chunker ---------------------------------------------------------------------------------
 
 _DATA = random.Random(7).randbytes(3 * chunker.READ_SIZE + 12_345)
@@ -157,10 +164,7 @@ def test_cached_files_are_read_by_the_walker_and_the_rest_by_readers(tmp_path, m
     # Evicted pages cannot be read without waiting for the disk: those went to the readers.
     assert outcomes["readers"] >= len(evicted) // 2 and outcomes["walker"] >= 100, outcomes
     assert outcomes["paths"] == {"first seen"}
-    dest = tmp_path / "dest"
-    dest.mkdir()
-    repo.restore_tree(ref, dest, Progress("test"))
-    assert _tree(dest) == _tree(src)
+    assert _restored(repo, ref, tmp_path / "dest") == _tree(src)
 
     # Every file changed: the parent has them all, so each is stat-ed and compared first.
     for p in files:
@@ -173,10 +177,7 @@ def test_cached_files_are_read_by_the_walker_and_the_rest_by_readers(tmp_path, m
     session.commit({"test": True})
     assert outcomes["readers"] >= len(evicted) // 2 and outcomes["walker"] >= 100, outcomes
     assert outcomes["paths"] == {"stat first"}
-    dest2 = tmp_path / "dest2"
-    dest2.mkdir()
-    repo.restore_tree(ref2, dest2, Progress("test"))
-    assert _tree(dest2) == _tree(src)
+    assert _restored(repo, ref2, tmp_path / "dest2") == _tree(src)
 
 
 def test_a_file_changed_under_the_walker_is_read_again(tmp_path, monkeypatch):
@@ -200,10 +201,7 @@ def test_a_file_changed_under_the_walker_is_read_again(tmp_path, monkeypatch):
     repo, ref = _backup(tmp_path / "repo", src)
     monkeypatch.setattr(os, "preadv", real_preadv)
     assert changed
-    dest = tmp_path / "dest"
-    dest.mkdir()
-    repo.restore_tree(ref, dest, Progress("test"))
-    assert (dest / "a.tx").read_bytes() == b"second, longer version"
+    assert _restored(repo, ref, tmp_path / "dest")["a.tx"] == b"second, longer version"
 
     read_cached = native.NativeBackup._read_cached
 
@@ -217,10 +215,7 @@ def test_a_file_changed_under_the_walker_is_read_again(tmp_path, monkeypatch):
     session = repo.begin_backup()
     ref2 = session.store_tree(TreeSpec("store", src), ref, Progress("test"))
     session.commit({"test": True})
-    dest2 = tmp_path / "dest2"
-    dest2.mkdir()
-    repo.restore_tree(ref2, dest2, Progress("test"))
-    assert (dest2 / "a.tx").read_bytes() == b"third version, longer still"
+    assert _restored(repo, ref2, tmp_path / "dest2")["a.tx"] == b"third version, longer still"
 
 
 # ---- restore: deduplicated tiny blobs -----------------------------------------------------------

@@ -758,21 +758,11 @@ class _Packer:
         self.index_keys: list[str] = []
         self.dry_run = False  # backup --dry-run: compress to measure, upload nothing
 
-    def add(self, kind: str, blob_id: str, data: bytes) -> bool:
-        """Queue a blob unless the repository or this backup already has it. True if new."""
-        with self.lock:
-            if blob_id in self.pending or (self.dedupe_with_index and blob_id in self.repo.index):
-                return False
-            self.pending.add(blob_id)
-            self.buffers[kind].add(kind, blob_id, data)
-            sealed = None
-            if len(self.buffers[kind]) >= PACK_SIZE:
-                sealed, self.buffers[kind] = self.buffers[kind], pack.PackBuffer()
-        if sealed is not None:
-            self._submit(sealed, self._level(kind))
-        return True
+    def add(self, kind: str, blob_id: str, data: bytes) -> None:
+        """Queue a blob unless the repository or this backup already has it."""
+        self.add_many(((kind, blob_id, data),))
 
-    def add_many(self, blobs: list[tuple[str, str, bytes]]) -> None:
+    def add_many(self, blobs: Iterable[tuple[str, str, bytes]]) -> None:
         """add() for a batch, under one acquisition of the lock."""
         sealed_packs = []
         with self.lock:
@@ -1169,23 +1159,18 @@ class NativeBackup(BackupSession):
     def _store_content(self, f, size_hint: int, held: list | None = None) -> tuple[list[str], int, str | None]:
         """Blob ids of a file's content; the whole-file SHA-256 too when it has several blobs.
         The blobs go to `held` when given (the caller packs them later), else to the packer."""
+        keep = held.append if held is not None else lambda blob: self.packer.add(*blob)
         if size_hint < chunker.SINGLE_BLOB_LIMIT:
             data = f.read()
             blob_id = _sha(data)
-            if held is not None:
-                held.append((pack.DATA, blob_id, data))
-            else:
-                self.packer.add(pack.DATA, blob_id, data)
+            keep((pack.DATA, blob_id, data))
             return [blob_id], len(data), None
         whole = hashlib.sha256()
         content, size = [], 0
         for chunk in chunker.split(chunker.read_pieces(f)):
             blob_id = _sha(chunk)
             whole.update(chunk)
-            if held is not None:
-                held.append((pack.DATA, blob_id, chunk))
-            else:
-                self.packer.add(pack.DATA, blob_id, chunk)
+            keep((pack.DATA, blob_id, chunk))
             content.append(blob_id)
             size += len(chunk)
         if len(content) == 1:

@@ -136,12 +136,19 @@ class LocalStore(ObjectStore):
     def _error(self, what: str, key: str, exc: OSError) -> RepositoryError:
         return RepositoryError(f"{self.url}: {what} {key!r} failed: {exc.strerror or exc}")
 
+    def _new_temp(self, key: str, final: Path) -> Path:
+        """A fresh temp-file name beside `final` (its folder made): written, then renamed."""
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise self._error("writing", key, exc) from exc
+        return final.with_name(f".{final.name}.{_random.token_hex(6)}.tmp")
+
     def _write_temp(self, key: str, final: Path, chunks: Iterable[bytes]) -> tuple[Path, int]:
         """Write chunks to a fresh temp file beside `final`, fsynced; the caller renames it.
         The caller's own errors (from iterating `chunks`) pass through unchanged."""
-        tmp = final.with_name(f".{final.name}.{_random.token_hex(6)}.tmp")
+        tmp = self._new_temp(key, final)
         try:
-            final.parent.mkdir(parents=True, exist_ok=True)
             f = open(tmp, "xb")
         except OSError as exc:
             raise self._error("writing", key, exc) from exc
@@ -164,14 +171,10 @@ class LocalStore(ObjectStore):
             raise
         return tmp, written
 
-    def _write_direct(self, key: str, final: Path, data: bytes) -> tuple[Path, int] | None:
-        """_write_temp() for one large object (a pack), past the page cache (directio); None
-        where that does not apply."""
-        if len(data) < directio.MIN_SIZE:
-            return None
-        tmp = final.with_name(f".{final.name}.{_random.token_hex(6)}.tmp")
+    def _write_direct(self, key: str, final: Path, data: bytes) -> Path:
+        """_write_temp() for one large object (a pack), past the page cache (directio)."""
+        tmp = self._new_temp(key, final)
         try:
-            final.parent.mkdir(parents=True, exist_ok=True)
             fd, direct = directio.open_new(tmp, os.O_WRONLY)
         except OSError as exc:
             raise self._error("writing", key, exc) from exc
@@ -185,7 +188,15 @@ class LocalStore(ObjectStore):
                 raise self._error("writing", key, exc) from exc
             raise
         os.close(fd)
-        return tmp, len(data)
+        return tmp
+
+    def _rename_into_place(self, key: str, tmp: Path, final: Path) -> None:
+        try:
+            os.replace(tmp, final)
+            self._fsync_dir(final.parent)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise self._error("writing", key, exc) from exc
 
     @staticmethod
     def _fsync_dir(path: Path) -> None:
@@ -199,19 +210,17 @@ class LocalStore(ObjectStore):
     # -- the interface ------------------------------------------------------------------------
 
     def put(self, key: str, data: bytes) -> None:
-        self.put_stream(key, (data,))
+        final = self._path(key)
+        if len(data) >= directio.MIN_SIZE:  # packs: not read back, so not through the page cache
+            tmp = self._write_direct(key, final, data)
+        else:
+            tmp, _ = self._write_temp(key, final, (data,))
+        self._rename_into_place(key, tmp, final)
 
     def put_stream(self, key: str, chunks: Iterable[bytes]) -> int:
         final = self._path(key)
-        whole = chunks[0] if isinstance(chunks, tuple) and len(chunks) == 1 else None
-        direct = self._write_direct(key, final, whole) if whole is not None else None
-        tmp, written = direct or self._write_temp(key, final, chunks)
-        try:
-            os.replace(tmp, final)
-            self._fsync_dir(final.parent)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            raise self._error("writing", key, exc) from exc
+        tmp, written = self._write_temp(key, final, chunks)
+        self._rename_into_place(key, tmp, final)
         return written
 
     def put_if_absent(self, key: str, data: bytes) -> bool:
