@@ -77,6 +77,14 @@ class ThrottledStore(ObjectStore):
     def __repr__(self) -> str:
         return f"ThrottledStore({self.inner!r})"
 
+    @property
+    def forkable(self) -> bool:
+        """A forked child with its own copy of the limits would double them."""
+        return isinstance(self.download, _Unlimited) and self._slots is None and self.inner.forkable
+
+    def after_fork(self) -> None:
+        self.inner.after_fork()
+
     def __getattr__(self, name: str) -> Any:  # stale_temp_files, abort_multipart_uploads, root, ...
         return getattr(self.inner, name)
 

@@ -129,15 +129,15 @@ def test_a_restore_that_fails_its_check_leaves_no_large_file_half_written(tmp_pa
     src.mkdir()
     (src / "big").write_bytes(random.Random(4).randbytes(5 * directio.MIN_SIZE))
     ref = _backed_up(tmp_path / "repo", src)
-    walk = native.NativeRepository._walk
+    walk = native.NativeRepository._walk_entries
 
-    def tampered(self, tree_id, rel):
-        for op, path, entry in walk(self, tree_id, rel):
+    def tampered(self, entries, rel):
+        for op, path, entry in walk(self, entries, rel):
             if op == "file":
                 entry = {**entry, "sha256": "0" * 64}
             yield op, path, entry
 
-    monkeypatch.setattr(native.NativeRepository, "_walk", tampered)
+    monkeypatch.setattr(native.NativeRepository, "_walk_entries", tampered)
     dest = tmp_path / "dest"
     with pytest.raises(IntegrityError, match="does not match"):
         NativeRepository(LocalStore(tmp_path / "repo")).restore_tree(ref, dest, Progress("test"))

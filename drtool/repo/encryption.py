@@ -190,6 +190,13 @@ class EncryptedStore(ObjectStore):
     def close(self) -> None:
         self.inner.close()
 
+    @property
+    def forkable(self) -> bool:
+        return self.inner.forkable
+
+    def after_fork(self) -> None:
+        self.inner.after_fork()
+
 
 class _DecryptingReader(io.RawIOBase):
     """Plaintext of an encrypted object, one segment at a time (one segment of look-ahead tells

@@ -107,6 +107,15 @@ class BlobIndex:
                                                 self._offset[row], self._length[row], kinds[self._kind[row]]))
         return out
 
+    def tiny_blobs_by_pack(self, max_length: int) -> dict[str, list[tuple[str, int, int]]]:
+        """pack -> [(blob id, offset, length)] of its blobs of at most max_length bytes."""
+        out: dict[str, list] = {}
+        ids, packs, offsets, pack_of = self._ids, self._packs, self._offset, self._pack
+        for row in [r for r, n in enumerate(self._length) if n <= max_length]:
+            out.setdefault(packs[pack_of[row]], []).append(
+                (ids[ID_BYTES * row:ID_BYTES * (row + 1)].hex(), offsets[row], self._length[row]))
+        return out
+
     def _row(self, key: bytes) -> int | None:
         recent = self._recent  # read before _sorted: a merge swaps _sorted first
         row = recent.get(key)

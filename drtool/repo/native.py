@@ -34,6 +34,7 @@ from drtool.progress import Progress
 from drtool.repo import chunker, directio, pack
 from drtool.repo.base import (FORMAT_VERSION, BackupSession, BackupStats, Finding, Manifest,
                               Repository, RestoreStats, TreeSpec, is_blob_id, is_count, manifest_problem)
+from drtool.repo.forked import ForkedRestore
 from drtool.repo.index import BlobIndex, Location, decode_index, encode_index
 from drtool.repo.locks import RepositoryLock
 from drtool.repo.objectstore import ObjectStore
@@ -56,6 +57,8 @@ ENTRIES_AHEAD = 20_000    # ...holding at most this many entries
 BYTES_AHEAD = 64 << 20    # ...and this many bytes read and held for their tree (files < HELD_FILE_LIMIT)
 BATCH_FILES = 128         # small files per reader task
 BATCH_BYTES = 4 << 20
+FORKED_RESTORE = True     # a store of FORK_MIN_FILES or more is restored by two processes...
+FORK_MIN_FILES = 20_000   # ...(repo/forked.py): small files are bound by one interpreter lock
 DIRECT_MAX = 16 << 20      # restored files this large or smaller are written in one O_DIRECT write (directio)
 HELD_FILE_LIMIT = 16 << 20  # files this small are packed in walk order (held until their tree is built)
 
@@ -115,6 +118,11 @@ class NativeRepository(Repository):
         self._index: BlobIndex | None = None  # loaded when first needed, again after a lock is taken
         self._body_cache: collections.OrderedDict[str, bytes] = collections.OrderedDict()
         self._cache_lock = threading.Lock()
+        # Tiny blobs restored so far, kept across the stores of one restore: a subtree store's
+        # .dah heights are the tx store's, in the tx store's packs, and a cache per store
+        # fetched an 8 MiB pack again for each height first met in the next store.
+        self._small_blobs = _SmallBlobs()
+        self._tiny_by_pack: dict[str, list] | None = None  # pack -> its tiny blobs (restore)
 
     # ---- format -------------------------------------------------------------------------
     @classmethod
@@ -363,9 +371,15 @@ class NativeRepository(Repository):
     # ---- restore ------------------------------------------------------------------------
     def _walk(self, tree_id: str, rel: str) -> Iterator[tuple[str, str, dict]]:
         """(op, relpath, entry) in tree order: 'dir' before its content, 'enddir' after."""
+        return self._walk_entries(self._tree_entries(tree_id, rel), rel)
+
+    def _tree_entries(self, tree_id: str, rel: str) -> list:
         entries = self.load_tree(tree_id, f"tree {rel or '/'}")
         if not isinstance(entries, list):
             raise IntegrityError(f"tree {rel or '/'}: entries are not a list")
+        return entries
+
+    def _walk_entries(self, entries: list, rel: str) -> Iterator[tuple[str, str, dict]]:
         for entry in entries:
             _check_entry(entry, rel or "/")
             path = f"{rel}/{entry['name']}" if rel else entry["name"]
@@ -378,17 +392,48 @@ class NativeRepository(Repository):
 
     def restore_tree(self, ref: dict, dest: Path, progress: Progress,
                      on_folder_done: Callable[[Path], None] | None = None) -> RestoreStats:
+        entries = self._tree_entries(ref["tree"], "")
+        if self._tiny_by_pack is None:
+            self._tiny_by_pack = self.index.tiny_blobs_by_pack(_SmallBlobs.MAX_BLOB)
+        dirs = [e for e in entries if isinstance(e, dict) and e.get("type") == "dir"]
+        if not (FORKED_RESTORE and hasattr(os, "fork") and self.store.forkable
+                and ref.get("files", 0) >= FORK_MIN_FILES and len(dirs) >= 2):
+            return self._restore_entries(entries, dest, progress, on_folder_done)
+        # Many files in several top-level folders: the second half of the folders is restored
+        # by a forked process (repo/forked.py), the rest here, each with its own interpreter lock.
+        theirs = {id(e) for e in dirs[len(dirs) // 2:]}
+
+        def work(child_progress: Any, folder_done: Callable[[Path], None]) -> RestoreStats:
+            self.store.after_fork()  # no connection shared with the parent
+            return self._restore_entries([e for e in entries if id(e) in theirs], dest, child_progress,
+                                         folder_done if on_folder_done else None)
+
+        child = ForkedRestore(work, progress)
+        try:
+            stats = self._restore_entries([e for e in entries if id(e) not in theirs], dest, progress, on_folder_done)
+            theirs_stats = child.wait()
+        except BaseException:
+            child.kill()
+            raise
+        if on_folder_done:  # here, not in the listening thread: the checks' pool forks from this one
+            for folder in child.folders:
+                on_folder_done(Path(folder))
+        return RestoreStats(stats.files + theirs_stats.files, stats.dirs + theirs_stats.dirs,
+                            stats.bytes_written + theirs_stats.bytes_written)
+
+    def _restore_entries(self, entries: list, dest: Path, progress: Any,
+                         on_folder_done: Callable[[Path], None] | None) -> RestoreStats:
         stats = RestoreStats()
         submitted = done = 0  # write batches, in order; all up to `done` have finished
         folders_waiting: collections.deque[tuple[int, Path]] = collections.deque()
-        fetcher = _PackFetcher(self)
+        fetcher = _PackFetcher(self, self._keep_tiny_blobs)
         writers = ThreadPoolExecutor(WRITERS, thread_name_prefix="drtool-write")
         writes: collections.deque[Future] = collections.deque()
         batch: list[tuple[str, str, dict]] = []  # files for one writer task
         batch_bytes = 0
         dir_times: list[tuple[str, dict]] = []  # applied last: writing into a dir changes its mtime
-        small = _SmallBlobs()
-        ops = self._walk(ref["tree"], "")
+        small = self._small_blobs
+        ops = self._walk_entries(entries, "")
         window: collections.deque = collections.deque()
         dest_name = str(dest)
 
@@ -462,6 +507,15 @@ class NativeRepository(Repository):
             writers.shutdown(wait=True, cancel_futures=True)
             fetcher.close()
         return stats
+
+    def _keep_tiny_blobs(self, pack_key: str, body: bytes) -> None:
+        """Every tiny blob of a fetched pack goes to the tiny-blob cache, not only those the
+        restore writes now: a .dah height deduplicated into an early pack, met first in a
+        later folder (or by the other process of a split restore), is then at hand rather
+        than worth fetching its 8 MiB pack again."""
+        blobs = (self._tiny_by_pack or {}).get(pack_key)
+        if blobs:
+            self._small_blobs.keep(body, blobs)
 
     def _restore_files(self, files: list[tuple[str, str, dict]], fetcher: "_PackFetcher",
                        small: "_SmallBlobs", progress: Progress) -> None:
@@ -688,13 +742,29 @@ class _SmallBlobs:
                 if len(self.blobs) > self.MAX_COUNT:
                     self.blobs.popitem(last=False)
 
+    def keep(self, body: bytes, blobs: list[tuple[str, int, int]]) -> None:
+        """Tiny blobs (id, offset, length) of a pack body not held yet, each checked by its id."""
+        found = []
+        for blob_id, offset, length in blobs:
+            if blob_id not in self.blobs:
+                data = bytes(body[offset:offset + length])
+                if _sha(data) == blob_id:  # a damaged one is reported where it is restored
+                    found.append((blob_id, data))
+        with self.lock:
+            for blob_id, data in found:
+                self.blobs.setdefault(blob_id, data)
+                self.blobs.move_to_end(blob_id, last=False)  # the first to go: not asked for yet
+            while len(self.blobs) > self.MAX_COUNT:
+                self.blobs.popitem(last=False)
+
 
 class _PackFetcher:
     """Fetches and decompresses packs ahead of the restore writer, with reference counts
     so a pack's bytes are dropped as soon as its last blob is written."""
 
-    def __init__(self, repo: NativeRepository):
+    def __init__(self, repo: NativeRepository, on_fetched: Callable[[str, bytes], None] | None = None):
         self.repo = repo
+        self.on_fetched = on_fetched  # called with each pack's body, in the fetching thread
         self.pool = ThreadPoolExecutor(UPLOADERS)
         self.futures: dict[str, Future] = {}
         self.refs: collections.Counter = collections.Counter()
@@ -709,8 +779,13 @@ class _PackFetcher:
             if pack_key not in self.futures and pack_key in self.recent:
                 self.futures[pack_key] = self.recent.pop(pack_key)
             if pack_key not in self.futures:
-                self.futures[pack_key] = self.pool.submit(
-                    lambda k: pack.decode_body(self.repo.store.get(k), k), pack_key)
+                self.futures[pack_key] = self.pool.submit(self._fetch, pack_key)
+
+    def _fetch(self, pack_key: str) -> bytes:
+        body = pack.decode_body(self.repo.store.get(pack_key), pack_key)
+        if self.on_fetched:
+            self.on_fetched(pack_key, body)
+        return body
 
     def pending(self) -> int:
         return len(self.futures)

@@ -88,6 +88,13 @@ class ObjectStore(abc.ABC):
     def close(self) -> None:
         pass
 
+    # A forked child (repo/forked.py) may use its copy of this store: nothing in it is shared
+    # with the parent once after_fork() has run (a rate limit would be, twice over).
+    forkable = True
+
+    def after_fork(self) -> None:
+        """In a forked child: open its own connections, none of the parent's."""
+
 
 def _check_key(key: str) -> str:
     """Keys are relative '/'-separated names with no empty, '.' or '..' segment."""
@@ -425,6 +432,8 @@ class S3Store(ObjectStore):
             session = boto3.session.Session(profile_name=options.get("profile"), region_name=region)
             self._client = session.client("s3", endpoint_url=endpoint_url, config=config)
             creds = session.get_credentials()
+            self._new_client = lambda: boto3.session.Session(profile_name=options.get("profile"), region_name=region).client(
+                "s3", endpoint_url=endpoint_url, config=config)
         except Exception as exc:  # bad profile, bad endpoint url, ...
             raise ConfigError(f"repository {self._where}: {redact(str(exc))}") from None
         if creds is not None:
@@ -723,6 +732,10 @@ class S3Store(ObjectStore):
 
     def close(self) -> None:
         self._client.close()
+
+    def after_fork(self) -> None:
+        # The parent's client is kept, never used or closed: its pooled sockets are the parent's.
+        self._parent_client, self._client = self._client, self._new_client()
 
 
 class _S3Body(io.RawIOBase):

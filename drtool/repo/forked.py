@@ -1,0 +1,144 @@
+"""Part of a restore in a forked process: a second interpreter, so a second core.
+
+A store of many small files restores at the speed of one Python thread: tree decoding, index
+look-ups and the per-file system calls all wait for one interpreter lock. Its top-level
+folders (Teranode's hash-prefix folders) are independent, so half of them go to a forked
+copy of the restoring process, which shares the loaded index and writes into the same
+staging folder. Measured on 119,181 tx files: 3.8 s in one process, 2.6 s in two.
+
+The child reports progress, then its totals or its error, as pickled messages on a pipe; it
+dies with the restore (PR_SET_PDEATHSIG), and the restore kills it when it fails itself.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import threading
+import time
+from multiprocessing.connection import Connection
+from typing import Any, Callable
+
+from drtool import errors
+from drtool.repo.base import RestoreStats
+
+PROGRESS_EVERY = 0.2  # seconds between the child's progress messages
+
+
+def die_with_parent(parent: int) -> None:
+    """In a forked child: a parent killed with -9 cannot stop it, so Linux does
+    (PR_SET_PDEATHSIG: it fires when the thread that forked the child ends)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux/glibc: the parent's own clean-up is all there is
+    if os.getppid() != parent:  # the parent went before the request took effect
+        os._exit(1)
+
+
+class _PipeProgress:
+    """The child's Progress: counts sent to the parent at most every PROGRESS_EVERY seconds."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.lock = threading.Lock()  # the child's writer threads advance it
+        self.files = self.nbytes = 0
+        self.sent = time.monotonic()
+
+    def advance(self, files: int = 0, nbytes: int = 0) -> None:
+        with self.lock:
+            self.files += files
+            self.nbytes += nbytes
+            if time.monotonic() - self.sent >= PROGRESS_EVERY:
+                self._flush()
+
+    def _flush(self) -> None:
+        if self.files or self.nbytes:
+            self.conn.send(("progress", self.files, self.nbytes))
+            self.files = self.nbytes = 0
+        self.sent = time.monotonic()
+
+    def send(self, message: tuple) -> None:
+        with self.lock:
+            self._flush()
+            self.conn.send(message)
+
+
+class ForkedRestore:
+    """A child process running `work(progress, folder_done)`, which returns RestoreStats."""
+
+    def __init__(self, work: Callable[[Any, Callable[[str], None]], RestoreStats], progress: Any) -> None:
+        read_fd, write_fd = os.pipe()
+        parent = os.getpid()
+        pid = os.fork()
+        if pid == 0:
+            os.close(read_fd)
+            self._child(work, Connection(write_fd, readable=False), parent)
+        os.close(write_fd)
+        self.pid = pid
+        self.folders: list[str] = []  # finished top-level folders, handed on by the parent's thread
+        self.stats: RestoreStats | None = None
+        self.error: tuple[str, str] | None = None
+        self._conn = Connection(read_fd, writable=False)
+        self._listener = threading.Thread(target=self._listen, args=(progress,), daemon=True,
+                                          name="drtool-forked-restore")
+        self._listener.start()
+
+    @staticmethod
+    def _child(work, conn: Connection, parent: int) -> None:
+        code = 1
+        progress = _PipeProgress(conn)
+        try:
+            die_with_parent(parent)
+            stats = work(progress, lambda folder: progress.send(("folder", str(folder))))
+            progress.send(("done", stats.files, stats.dirs, stats.bytes_written))
+            code = 0
+        except BaseException as exc:  # noqa: BLE001 - everything is reported, then the child ends
+            try:
+                progress.send(("error", type(exc).__name__, str(exc)))
+            except BaseException:  # noqa: BLE001 - the parent is gone: nobody to tell
+                pass
+        finally:
+            os._exit(code)  # no atexit handlers, no flushing of the parent's inherited buffers
+
+    def _listen(self, progress: Any) -> None:
+        try:
+            while True:
+                message = self._conn.recv()
+                if message[0] == "progress":
+                    progress.advance(files=message[1], nbytes=message[2])
+                elif message[0] == "folder":
+                    self.folders.append(message[1])
+                elif message[0] == "done":
+                    self.stats = RestoreStats(*message[1:])
+                elif message[0] == "error":
+                    self.error = (message[1], message[2])
+        except (EOFError, OSError):
+            pass  # the child closed its end: it has ended
+        finally:
+            self._conn.close()
+
+    def wait(self) -> RestoreStats:
+        """The child's totals once it ended; its error, raised here, if it failed."""
+        _, status = os.waitpid(self.pid, 0)
+        self._listener.join()
+        if self.error:
+            kind, message = self.error
+            cls = getattr(errors, kind, None)
+            if isinstance(cls, type) and issubclass(cls, errors.DrtoolError):
+                raise cls(message)
+            raise errors.RepositoryError(f"restore worker: {kind}: {message}")
+        if self.stats is None:
+            raise errors.RepositoryError(f"restore worker process {self.pid} ended without finishing "
+                                         f"(wait status {status})")
+        return self.stats
+
+    def kill(self) -> None:
+        """Stop the child now (the restore failed or was interrupted) and reap it."""
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+        self._listener.join()
