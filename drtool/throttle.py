@@ -80,7 +80,8 @@ class ThrottledStore(ObjectStore):
     @property
     def forkable(self) -> bool:
         """A forked child with its own copy of the limits would double them."""
-        return isinstance(self.download, _Unlimited) and self._slots is None and self.inner.forkable
+        unlimited = isinstance(self.upload, _Unlimited) and isinstance(self.download, _Unlimited)
+        return unlimited and self._slots is None and self.inner.forkable
 
     def after_fork(self) -> None:
         self.inner.after_fork()

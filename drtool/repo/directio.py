@@ -18,6 +18,8 @@ import mmap
 import os
 import threading
 
+from drtool.repo.pack import private_memory
+
 ALIGN = 4096  # a multiple of every logical block size in use (512 and 4096)
 MIN_SIZE = 1 << 20  # below this the page cache's copy is cheap and a direct write's wait is not
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
@@ -42,7 +44,7 @@ def _buffer(size: int) -> mmap.mmap:
     if buf is None or len(buf) < size:
         if buf is not None:
             buf.close()
-        buf = _local.buf = mmap.mmap(-1, -(-size // (1 << 20)) << 20)  # whole MiB: few regrowths
+        buf = _local.buf = private_memory(-(-size // (1 << 20)) << 20)  # whole MiB: few regrowths
     return buf
 
 

@@ -34,7 +34,7 @@ from drtool.progress import Progress
 from drtool.repo import chunker, directio, pack
 from drtool.repo.base import (FORMAT_VERSION, BackupSession, BackupStats, Finding, Manifest,
                               Repository, RestoreStats, TreeSpec, is_blob_id, is_count, manifest_problem)
-from drtool.repo.forked import ForkedRestore
+from drtool.repo.forked import Forked
 from drtool.repo.index import BlobIndex, Location, decode_index, encode_index
 from drtool.repo.locks import RepositoryLock
 from drtool.repo.objectstore import ObjectStore
@@ -57,8 +57,9 @@ ENTRIES_AHEAD = 20_000    # ...holding at most this many entries
 BYTES_AHEAD = 64 << 20    # ...and this many bytes read and held for their tree (files < HELD_FILE_LIMIT)
 BATCH_FILES = 128         # small files per reader task
 BATCH_BYTES = 4 << 20
-FORKED_RESTORE = True     # a store of FORK_MIN_FILES or more is restored by two processes...
-FORK_MIN_FILES = 20_000   # ...(repo/forked.py): small files are bound by one interpreter lock
+FORKED_BACKUP = True      # a store of FORK_MIN_FILES or more is backed up...
+FORKED_RESTORE = True     # ...and restored by two processes (repo/forked.py): small files
+FORK_MIN_FILES = 20_000   # are bound by one interpreter lock
 DIRECT_MAX = 16 << 20      # restored files this large or smaller are written in one O_DIRECT write (directio)
 HELD_FILE_LIMIT = 16 << 20  # files this small are packed in walk order (held until their tree is built)
 
@@ -406,11 +407,12 @@ class NativeRepository(Repository):
         def work(child_progress: Any, folder_done: Callable[[Path], None]) -> RestoreStats:
             self.store.after_fork()  # no connection shared with the parent
             return self._restore_entries([e for e in entries if id(e) in theirs], dest, child_progress,
-                                         folder_done if on_folder_done else None)
+                                         folder_done if on_folder_done else None, share=2)
 
-        child = ForkedRestore(work, progress)
+        child = Forked(work, progress)
         try:
-            stats = self._restore_entries([e for e in entries if id(e) not in theirs], dest, progress, on_folder_done)
+            stats = self._restore_entries([e for e in entries if id(e) not in theirs], dest, progress, on_folder_done,
+                                          share=2)
             theirs_stats = child.wait()
         except BaseException:
             child.kill()
@@ -422,7 +424,10 @@ class NativeRepository(Repository):
                             stats.bytes_written + theirs_stats.bytes_written)
 
     def _restore_entries(self, entries: list, dest: Path, progress: Any,
-                         on_folder_done: Callable[[Path], None] | None) -> RestoreStats:
+                         on_folder_done: Callable[[Path], None] | None, share: int = 1) -> RestoreStats:
+        """Restore `entries` (a tree's, or part of them) under dest; `share`: how many processes
+        restore at once, each holding that share of the look-ahead (memory stays bounded)."""
+        packs_ahead, entries_ahead = max(1, RESTORE_PACKS_AHEAD // share), RESTORE_ENTRIES_AHEAD // share
         stats = RestoreStats()
         submitted = done = 0  # write batches, in order; all up to `done` have finished
         folders_waiting: collections.deque[tuple[int, Path]] = collections.deque()
@@ -455,7 +460,7 @@ class NativeRepository(Repository):
             while True:
                 # Keep the fetcher busy: look ahead until enough packs are on their way (or
                 # enough entries wait: thousands of small files share one pack).
-                while (fetcher.pending() < RESTORE_PACKS_AHEAD and len(window) < RESTORE_ENTRIES_AHEAD) or not window:
+                while (fetcher.pending() < packs_ahead and len(window) < entries_ahead) or not window:
                     op = next(ops, None)
                     if op is None:
                         break
@@ -817,7 +822,8 @@ class _PackFetcher:
 class _Packer:
     """Collects blobs into packs and uploads them from a small thread pool, with backpressure."""
 
-    def __init__(self, repo: NativeRepository, stats: BackupStats, dedupe_with_index: bool = True):
+    def __init__(self, repo: NativeRepository, stats: BackupStats, dedupe_with_index: bool = True,
+                 uploaders: int = UPLOADERS, in_flight: int = PACKS_IN_FLIGHT):
         self.repo = repo
         self.dedupe_with_index = dedupe_with_index  # off when prune repacks blobs the index still lists
         self.stats = stats
@@ -825,8 +831,8 @@ class _Packer:
         self.level = repo.level  # for packs sealed from now on (a stream may ask for another)
         self.pending: set[str] = set()
         self.lock = threading.Lock()
-        self.pool = ThreadPoolExecutor(UPLOADERS, thread_name_prefix="drtool-upload")
-        self.slots = threading.BoundedSemaphore(PACKS_IN_FLIGHT)
+        self.pool = ThreadPoolExecutor(uploaders, thread_name_prefix="drtool-upload")
+        self.slots = threading.BoundedSemaphore(in_flight)
         self.futures: list[Future] = []
         self.unindexed: list[tuple[str, int, list]] = []
         self.unindexed_blobs = 0
@@ -902,6 +908,12 @@ class _Packer:
             self.index_keys.append(key)
             self.stats.bytes_stored += len(obj)
 
+    def drain(self) -> None:
+        """Wait for the packs in flight (before a fork: an upload thread may hold a lock)."""
+        for fut in self.futures:
+            fut.result()
+        self.futures.clear()
+
     def flush(self) -> None:
         """Seal and upload what is buffered, wait for every upload, write the last index."""
         for kind in (pack.DATA, pack.TREE):
@@ -941,6 +953,39 @@ def _done(result: Any) -> Future:
     return fut
 
 
+class _ForkedHalf:
+    """The forked process backing up some of a store's top-level folders (`names`)."""
+
+    def __init__(self, child: Forked, names: list[str]) -> None:
+        self.child = child
+        self.dirs = {name: _ForkedDir(self, name) for name in names}
+        self._result: dict | None = None
+
+    def result(self) -> dict:
+        """Its trees, counts and stats, once it is done (its error, raised, if it failed)."""
+        if self._result is None:
+            self._result = self.child.wait()
+        return self._result
+
+
+class _ForkedDir:
+    """A top-level folder of the forked half, where the walk keeps a _PendingDir: its tree id
+    (and whether it vanished) once the child is done, waited for when the root's tree is built."""
+
+    __slots__ = ("half", "name")
+
+    def __init__(self, half: _ForkedHalf, name: str) -> None:
+        self.half, self.name = half, name
+
+    @property
+    def tree_id(self) -> str:
+        return self.half.result()["trees"][self.name][0]
+
+    @property
+    def vanished(self) -> bool:
+        return self.half.result()["trees"][self.name][1]
+
+
 class _PendingDir:
     """A scanned directory whose files are being read; its tree id once built."""
 
@@ -959,13 +1004,17 @@ class _PendingDir:
 
 
 class NativeBackup(BackupSession):
-    def __init__(self, repo: NativeRepository, lock: RepositoryLock):
+    def __init__(self, repo: NativeRepository, lock: RepositoryLock | None, share: int = 1):
         self.repo = repo
         self.lock = lock
         self.stats = BackupStats()
-        self.packer = _Packer(repo, self.stats)
+        # A forked half (share=2) packs with one uploader and one pack in flight: half a
+        # process's pack buffers, so that two processes hold about what one did.
+        self.packer = _Packer(repo, self.stats, uploaders=max(1, UPLOADERS // share),
+                              in_flight=max(1, PACKS_IN_FLIGHT // share))
         self.readers = ThreadPoolExecutor(READERS, thread_name_prefix="drtool-read")
         self._stats_lock = threading.Lock()
+        self.share = share  # processes walking one store at once: each holds that share of ENTRIES/BYTES_AHEAD
 
     # ---- folders ------------------------------------------------------------------------
     def store_tree(self, spec: TreeSpec, parent_ref: dict | None, progress: Progress) -> dict:
@@ -976,12 +1025,80 @@ class NativeBackup(BackupSession):
         if parent_root and parent_root not in self.repo.index:
             parent_root = None
         queue: collections.deque[_PendingDir] = collections.deque()
-        root = self._store_dir(spec, str(spec.root), "", parent_root, progress, counts, queue)
-        self._finish_dirs(queue, 0)
+        half = self._fork_half(spec, parent_ref, parent_root, progress)
+        self.share = 2 if half else 1
+        if half:  # one pack fewer in flight here while the child packs too: memory as one process
+            self.packer.slots.acquire()
+        try:
+            root = self._store_dir(spec, str(spec.root), "", parent_root, progress, counts, queue,
+                                   half.dirs if half else None)
+            self._finish_dirs(queue, 0)
+            theirs = half.result() if half else None
+        except BaseException:
+            if half:
+                half.child.kill()
+            raise
+        finally:
+            if half:
+                self.packer.slots.release()
+            self.share = 1
+        if theirs:
+            for key, n in theirs["counts"].items():
+                counts[key] += n
+            with self._stats_lock:
+                for key, n in theirs["stats"].items():
+                    setattr(self.stats, key, getattr(self.stats, key) + n)
         return {"tree": root.tree_id, **counts}
 
+    def _fork_half(self, spec: TreeSpec, parent_ref: dict | None, parent_root: str | None,
+                   progress: Progress) -> "_ForkedHalf | None":
+        """Many files in several top-level folders: the second half of the folders is backed up
+        by a forked process (repo/forked.py), with its own packer, while this one walks the rest."""
+        if not (FORKED_BACKUP and hasattr(os, "fork") and self.repo.store.forkable):
+            return None
+        try:
+            with os.scandir(spec.root) as it:
+                names = sorted(de.name for de in it if de.is_dir(follow_symlinks=False) and not spec.exclude(de.name, True))
+            estimate = (parent_ref or {}).get("files") or len(os.listdir(spec.root / names[0])) * len(names)
+        except (OSError, IndexError):
+            return None
+        if len(names) < 2 or estimate < FORK_MIN_FILES:
+            return None
+        names = names[len(names) // 2:]
+        parent_ids = {}
+        if parent_root:
+            try:
+                parent_ids = {e["name"]: e["subtree"] for e in self.repo.load_tree(parent_root, f"parent tree {spec.name}/")
+                              if e.get("type") == "dir" and e.get("name") in names}
+            except (IntegrityError, RepositoryError, KeyError, TypeError):
+                pass  # read in full, as the walk does with an unreadable parent tree
+        self.packer.drain()  # no upload thread holds a lock the child's copy would inherit held
+
+        def work(child_progress: Any, _folder_done: Callable) -> dict:
+            self.repo.store.after_fork()  # no connection shared with the parent
+            other = NativeBackup(self.repo, None, share=2)  # its own packer, readers and locks
+            other.packer.dry_run = self.packer.dry_run
+            counts = {"files": 0, "bytes": 0, "dirs": 0}
+            queue: collections.deque[_PendingDir] = collections.deque()
+            try:
+                subs = {name: other._store_dir(spec, os.path.join(spec.root, name), name, parent_ids.get(name),
+                                               child_progress, counts, queue) for name in names}
+                other._finish_dirs(queue, 0)
+                other.readers.shutdown(wait=True)
+                other.packer.flush()
+            except BaseException:
+                other.readers.shutdown(wait=True, cancel_futures=True)
+                other.packer.close(index_what_finished=True)
+                raise
+            other.packer.close(index_what_finished=False)
+            return {"trees": {name: (sub.tree_id, sub.vanished) for name, sub in subs.items()},
+                    "counts": counts, "stats": other.stats.as_dict()}
+
+        return _ForkedHalf(Forked(work, progress), names)
+
     def _store_dir(self, spec: TreeSpec, path: str, rel: str, parent_id: str | None, progress: Progress,
-                   counts: dict, queue: "collections.deque[_PendingDir]") -> "_PendingDir":
+                   counts: dict, queue: "collections.deque[_PendingDir]",
+                   delegated: dict[str, "_ForkedDir"] | None = None) -> "_PendingDir":
         """Scan one directory and hand its files to the readers; its tree is built later, in
         walk order (children before parents), so the readers work across directories."""
         pending = _PendingDir(counts)
@@ -1016,8 +1133,10 @@ class NativeBackup(BackupSession):
                         continue
                     st = de.stat(follow_symlinks=False)
                     pe = parent.get(de.name)
-                    sub = self._store_dir(spec, de.path, relpath, pe["subtree"] if pe and pe["type"] == "dir" else None,
-                                          progress, counts, queue)
+                    sub = delegated.get(de.name) if delegated else None  # the forked half's
+                    if sub is None:
+                        sub = self._store_dir(spec, de.path, relpath, pe["subtree"] if pe and pe["type"] == "dir" else None,
+                                              progress, counts, queue)
                     items.append(({"name": de.name, "type": "dir", "mode": st.st_mode & 0o7777,
                                    "mtime_ns": st.st_mtime_ns}, sub))
                 elif de.is_file(follow_symlinks=False):
@@ -1071,8 +1190,8 @@ class NativeBackup(BackupSession):
     def _finish_dirs(self, queue: "collections.deque[_PendingDir]", keep: int) -> None:
         """Build the trees of scanned directories, oldest first, until at most `keep` wait and
         they hold at most ENTRIES_AHEAD entries (a bound on what is held in memory)."""
-        while queue and (len(queue) > keep or sum(p.size for p in queue) > ENTRIES_AHEAD
-                         or sum(p.bytes for p in queue) > BYTES_AHEAD or queue[0].ready()):
+        while queue and (len(queue) > keep or sum(p.size for p in queue) > ENTRIES_AHEAD // self.share
+                         or sum(p.bytes for p in queue) > BYTES_AHEAD // self.share or queue[0].ready()):
             pending = queue.popleft()
             pending.tree_id = self._tree_of(pending)
 

@@ -43,13 +43,19 @@ _pool: list[mmap.mmap] = []
 _pool_lock = threading.Lock()
 
 
+def private_memory(size: int) -> mmap.mmap:
+    """Anonymous memory private to this process. mmap's default, MAP_SHARED, would be shared
+    with a forked child (repo/forked.py), both then filling the same pack buffers."""
+    return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+
+
 def _take_buffer() -> mmap.mmap:
     with _pool_lock:
         if _pool:
             return _pool.pop()
     # Anonymous memory: pages are only backed once written, and a buffer that comes back from a
     # sealed pack is reused as it is, with no fresh page faults and no munmap for the next one.
-    return mmap.mmap(-1, BUFFER_SIZE)
+    return private_memory(BUFFER_SIZE)
 
 
 def _give_back(buf: mmap.mmap) -> None:
@@ -77,7 +83,7 @@ class PackBuffer:
         if self.body is None:
             self.body = _take_buffer()
         if end > len(self.body):  # a blob bigger than the room left (a huge tree): a bigger buffer
-            bigger = mmap.mmap(-1, max(end, 2 * len(self.body)))
+            bigger = private_memory(max(end, 2 * len(self.body)))
             bigger[:self.size] = self.body[:self.size]
             _give_back(self.body)
             self.body = bigger

@@ -9,7 +9,8 @@ warms the page cache, then times on the same data:
   incremental    after +2 % files           | restic backup (same change)
   full restore   drtool restore              | restic restore
 and prints each figure, the ratios drtool/restic and drtool/(tar|zstd), and drtool's peak memory
-(max RSS of its process, from wait4). Every tool runs as a child process of this one.
+(the summed PSS of its process tree, or its max RSS from wait4 where that is more: a restore
+forks a second process). Every tool runs as a child process of this one.
 Each tool starts after a sync, so none pays for writing back what the one before it (or
 the sample's build) left dirty; the repositories are read once before the restores, so every
 restore reads its repository from the page cache, as every backup reads the node.
@@ -33,21 +34,25 @@ from pathlib import Path
 
 from drtool import config as config_mod
 from drtool.teranode import sample
+from tests.bench.treemem import TreeMemory
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def run(argv: list[str], env: dict | None = None, stdout=subprocess.DEVNULL, shell: bool = False) -> tuple[float, int]:
-    """(seconds, max RSS in KiB) of one child process."""
+    """(seconds, peak memory in KiB) of one child process: its max RSS, or the summed PSS of
+    its process tree where that is more (treemem.py)."""
     os.sync()  # no tool pays for writing back what the one before it (or the sample) left dirty
     started = time.perf_counter()
     proc = subprocess.Popen(argv, env=env, stdout=stdout, stderr=subprocess.PIPE, shell=shell)
+    tree = TreeMemory(proc.pid)  # a restore forks a second process: the sum counts
+    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""  # until it ends
+    peak_tree = tree.stop()
     _pid, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - started
-    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{argv if not shell else argv}: failed\n{err[-2000:]}")
-    return seconds, usage.ru_maxrss
+    return seconds, max(usage.ru_maxrss, peak_tree)
 
 
 def drtool_argv(cfg: Path, *args: str) -> list[str]:
@@ -128,7 +133,7 @@ def main() -> None:
                   ("tar|zstd", base / "node-3.tar.zst"), ("tar|zstd -1", base / "node-1.tar.zst")]}
         print()
         for name, seconds in results.items():
-            mem = f"  peak RSS {peak[name] / 1024:.0f} MiB" if name in peak else ""
+            mem = f"  peak memory {peak[name] / 1024:.0f} MiB" if name in peak else ""
             print(f"{name:<28} {seconds:8.2f} s{mem}")
         print()
         for name, size in sizes.items():
