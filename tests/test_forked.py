@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import json
+import logging
 import os
 import random
 import signal
@@ -14,6 +15,7 @@ import time
 
 import pytest
 
+from drtool import errors
 from drtool.errors import IntegrityError
 from drtool.progress import Progress
 from drtool.repo import forked, native, pack
@@ -290,3 +292,42 @@ def test_pack_buffers_are_not_shared_with_a_forked_child():
     os.waitpid(pid, 0)
     assert buf[:5] == b"mine!"
     pack._give_back(buf)
+
+
+class _Counted:
+    """A progress that only counts: what the parent's Progress is given."""
+
+    def __init__(self):
+        self.files = self.nbytes = 0
+
+    def advance(self, files=0, nbytes=0):
+        self.files += files
+        self.nbytes += nbytes
+
+
+def test_a_forked_child_reports_its_progress_logs_folders_and_result(caplog):
+    def work(progress, folder_done):
+        logging.getLogger("drtool.test").warning("from the child, pid %d", os.getpid())
+        progress.advance(files=3, nbytes=300)
+        folder_done("/some/folder")
+        return {"answer": 42}
+
+    counted = _Counted()
+    with caplog.at_level(logging.WARNING):
+        child = forked.Forked(work, counted)
+        assert child.wait() == {"answer": 42}
+    assert (counted.files, counted.nbytes) == (3, 300)
+    assert child.folders == ["/some/folder"]
+    assert [r.getMessage() for r in caplog.records] == [f"from the child, pid {child.pid}"]
+
+
+def test_a_forked_childs_error_is_raised_in_the_parent_as_its_own_kind():
+    def fails(progress, folder_done):
+        raise IntegrityError("pack data/ab/cd: damaged")
+
+    with pytest.raises(IntegrityError, match="pack data/ab/cd: damaged"):
+        forked.Forked(fails, _Counted()).wait()
+    with pytest.raises(errors.RepositoryError, match="forked worker: ZeroDivisionError"):
+        forked.Forked(lambda p, f: 1 / 0, _Counted()).wait()
+    with pytest.raises(errors.RepositoryError, match="ended without finishing"):
+        forked.Forked(lambda p, f: os._exit(3), _Counted()).wait()

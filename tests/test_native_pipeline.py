@@ -8,11 +8,13 @@ import hashlib
 import io
 import os
 import random
+import threading
 
 import fastcdc
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from drtool.errors import IntegrityError
 from drtool.progress import Progress
 from drtool.repo import chunker, native, pack
 from drtool.repo.base import TreeSpec
@@ -267,6 +269,36 @@ def test_a_stream_reads_back_the_same_as_views_or_copies(tmp_path):
     assert all(isinstance(v, memoryview) for v in views) and b"".join(views) == data
     copies = list(repo.read_stream(ref))
     assert all(isinstance(c, bytes) for c in copies) and b"".join(copies) == data
+
+
+def _read_ahead_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "drtool-read-ahead"]
+
+
+def test_a_stream_checked_ahead_stops_with_its_consumer_and_raises_where_it_is_read(tmp_path):
+    """Chunks are checked by a thread of their own ahead of the consumer: a consumer that
+    stops early stops it; a damaged chunk is an IntegrityError in the consumer's thread, after
+    the good chunks before it."""
+    store = LocalStore(tmp_path / "repo")
+    NativeRepository.init(store)
+    repo = NativeRepository(store)
+    session = repo.begin_backup()
+    data = _DATA[:chunker.READ_SIZE + 3 * chunker.MAX_SIZE]
+    ref = session.store_stream("s", iter([data]), Progress("test"))
+    session.commit({"test": True})
+    chunks = repo.read_stream(ref)
+    first = next(chunks)
+    assert data.startswith(first) and _read_ahead_threads()
+    chunks.close()
+    assert not _read_ahead_threads()
+
+    damaged = {**ref, "sha256": "0" * 64}  # every chunk good, the whole not
+    read = []
+    with pytest.raises(IntegrityError, match="stream s: restored stream does not match"):
+        for chunk in repo.read_stream(damaged):
+            read.append(chunk)
+    assert b"".join(read) == data
+    assert not _read_ahead_threads()
 
 
 def test_fast_level_packs_data_but_entropy_codes_trees(tmp_path):

@@ -351,3 +351,26 @@ def test_dump_stream_is_also_readable(source):
             parts.append(part)
     assert hashlib.sha256(b"".join(parts)).hexdigest() == stream.metadata.dump_sha256
     assert stream.metadata.dump_size == meta.dump_size
+
+
+def test_debians_pg_wrapper_is_passed_over_for_the_binary_it_would_run(tmp_path, monkeypatch):
+    """/usr/bin/pg_dump on Debian is a Perl wrapper that picks the newest installed version,
+    70 ms later per run; drtool runs that version's binary itself."""
+    bin_dir, lib = tmp_path / "bin", tmp_path / "lib"
+    (tmp_path / "share").mkdir()
+    bin_dir.mkdir()
+    wrapper = tmp_path / "share" / "pg_wrapper"
+    wrapper.write_text("#!/bin/sh\n")
+    wrapper.chmod(0o755)
+    (bin_dir / "pg_dump").symlink_to(wrapper)
+    for version in ("13", "15"):
+        (lib / version / "bin").mkdir(parents=True)
+        (lib / version / "bin" / "pg_dump").write_text("#!/bin/sh\n")
+        (lib / version / "bin" / "pg_dump").chmod(0o755)
+    monkeypatch.setenv("PATH", str(bin_dir))
+    monkeypatch.setattr(P, "PG_BIN_GLOB", str(lib / "*" / "bin"))
+    assert P.find_pg_tool("pg_dump") == str(lib / "15" / "bin" / "pg_dump")
+    (bin_dir / "pg_dump").unlink()
+    (bin_dir / "pg_dump").write_text("#!/bin/sh\n")  # any other pg_dump on PATH comes first
+    (bin_dir / "pg_dump").chmod(0o755)
+    assert P.find_pg_tool("pg_dump") == str(bin_dir / "pg_dump")

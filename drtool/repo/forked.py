@@ -115,6 +115,10 @@ class Forked:
         progress = _PipeProgress(conn)
         try:
             die_with_parent(parent)
+            # The parent's signal handlers (a quiesced node's guard) are its own business: here
+            # Ctrl-C ends the work with an error report, and SIGTERM ends the child outright.
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
             logging.root.handlers = [_PipeLogHandler(progress)]
             result = work(progress, lambda folder: progress.send(("folder", str(folder))))
             progress.send(("done", result))
@@ -131,16 +135,21 @@ class Forked:
         try:
             while True:
                 message = self._conn.recv()
-                if message[0] == "progress":
-                    progress.advance(files=message[1], nbytes=message[2])
-                elif message[0] == "log":
-                    logging.getLogger(message[2]).log(message[1], "%s", message[3])
-                elif message[0] == "folder":
-                    self.folders.append(message[1])
-                elif message[0] == "done":
+                kind = message[0]
+                if kind == "done":
                     self.result, self.finished = message[1], True
-                elif message[0] == "error":
+                elif kind == "error":
                     self.error = (message[1], message[2])
+                elif kind == "folder":
+                    self.folders.append(message[1])
+                else:
+                    try:  # a display failing must not stop the draining: the child would block
+                        if kind == "progress":
+                            progress.advance(files=message[1], nbytes=message[2])
+                        elif kind == "log":
+                            logging.getLogger(message[2]).log(message[1], "%s", message[3])
+                    except Exception:  # noqa: BLE001
+                        pass
         except (EOFError, OSError):
             pass  # the child closed its end: it has ended
         finally:

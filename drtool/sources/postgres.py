@@ -165,12 +165,15 @@ def find_pg_tool(name: str, configured_path: str | None = None, *, server_major:
             raise ConfigError(f"[postgres] {name} = {configured_path!r}: not an executable file")
         candidates = [configured_path]
     else:
-        candidates = []
         on_path = shutil.which(name)
-        if on_path:
-            candidates.append(on_path)
         versioned = sorted(glob.glob(os.path.join(PG_BIN_GLOB, name)), key=_bin_dir_version, reverse=True)
-        candidates += [p for p in versioned if os.access(p, os.X_OK)]
+        versioned = [p for p in versioned if os.access(p, os.X_OK)]
+        if on_path and os.path.basename(os.path.realpath(on_path)) == "pg_wrapper":
+            # Debian's wrapper (Perl) picks the newest installed version too, 70 ms later per
+            # run: the binaries it would pick come first.
+            candidates = versioned + [on_path]
+        else:
+            candidates = ([on_path] if on_path else []) + versioned
         if not candidates:
             raise ConfigError(f"{name}: not found on PATH nor in {PG_BIN_GLOB}; install the PostgreSQL client or set [postgres] {name}")
     if server_major is None:
