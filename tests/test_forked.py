@@ -155,6 +155,19 @@ def test_a_store_split_between_two_processes_is_restored_byte_identical(tmp_path
     assert sorted(p.name for p in folders) == [f"{d:02x}" for d in range(8)]
 
 
+def test_both_halves_back_up_to_and_restore_from_s3_on_their_own_connections(tmp_path, forks, object_store):
+    """On S3 (moto_server) the child opens its own client: the parent's pooled connections
+    are not shared between two processes."""
+    src = tmp_path / "src"
+    _node_store(src, seed=7)
+    ref = _back_up(object_store, {"external": src})["external"]
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    NativeRepository(object_store).restore_tree(ref, dest, Progress("test"))
+    assert len(forks) == 2  # the backup's and the restore's
+    _same_tree(src, dest)
+
+
 def test_a_damaged_file_in_the_forked_half_fails_the_restore_naming_it(tmp_path, forks, monkeypatch):
     src = tmp_path / "src"
     _node_store(src, seed=2, big="big.subtree")

@@ -430,10 +430,11 @@ class S3Store(ObjectStore):
         )
         try:
             session = boto3.session.Session(profile_name=options.get("profile"), region_name=region)
-            self._client = session.client("s3", endpoint_url=endpoint_url, config=config)
+            # A forked child (after_fork) makes its own client the same way, in a session of its own.
+            self._new_client = lambda session=None: (session or boto3.session.Session(
+                profile_name=options.get("profile"), region_name=region)).client("s3", endpoint_url=endpoint_url, config=config)
+            self._client = self._new_client(session)
             creds = session.get_credentials()
-            self._new_client = lambda: boto3.session.Session(profile_name=options.get("profile"), region_name=region).client(
-                "s3", endpoint_url=endpoint_url, config=config)
         except Exception as exc:  # bad profile, bad endpoint url, ...
             raise ConfigError(f"repository {self._where}: {redact(str(exc))}") from None
         if creds is not None:
