@@ -412,16 +412,24 @@ class NativeRepository(Repository):
                                          folder_done if on_folder_done else None, share=2)
 
         child = Forked(work, progress)
+
+        def folders_done(folder: Path | None = None) -> None:
+            """Ours and those the child finished since, handed on from this thread, not the
+            listening one: the checks' pool forks its workers from the thread that submits."""
+            if folder is not None:
+                on_folder_done(folder)
+            while child.folders:
+                on_folder_done(Path(child.folders.pop(0)))
+
         try:
-            stats = self._restore_entries([e for e in entries if id(e) not in theirs], dest, progress, on_folder_done,
-                                          share=2)
+            stats = self._restore_entries([e for e in entries if id(e) not in theirs], dest, progress,
+                                          folders_done if on_folder_done else None, share=2)
             theirs_stats = child.wait()
         except BaseException:
             child.kill()
             raise
-        if on_folder_done:  # here, not in the listening thread: the checks' pool forks from this one
-            for folder in child.folders:
-                on_folder_done(Path(folder))
+        if on_folder_done:
+            folders_done()
         return RestoreStats(stats.files + theirs_stats.files, stats.dirs + theirs_stats.dirs,
                             stats.bytes_written + theirs_stats.bytes_written)
 
