@@ -9,13 +9,11 @@ moved aside to `<target>.drtool-previous-<time>`.
 
 from __future__ import annotations
 
-import ctypes
 import datetime as dt
 import logging
 import os
 import secrets as pysecrets
 import shutil
-import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,7 @@ from typing import Any
 from drtool.config import Config
 from drtool.errors import ConfigError, DrtoolError
 from drtool.repo.base import Finding, Manifest, Repository
+from drtool.repo.forked import die_with_parent
 from drtool.sources import blobstore, files
 
 log = logging.getLogger(__name__)
@@ -295,9 +294,10 @@ class _TeranodeChecker:
 
         # Workers are forked now, before the restore starts its writer threads (forking a
         # process with running threads is not safe); with "fork" they all start on this submit.
+        # A restore killed with -9 cannot shut the pool down: Linux kills them with it.
         self.pool = ProcessPoolExecutor(max_workers=os.cpu_count() or 2,
                                         mp_context=multiprocessing.get_context("fork"),
-                                        initializer=_die_with_parent, initargs=(os.getpid(),))
+                                        initializer=die_with_parent, initargs=(os.getpid(),))
         self.pool.submit(int).result()
         self.jobs: dict[str, list] = {}  # placement name -> [(folder, future)]
 
@@ -337,18 +337,6 @@ class _TeranodeChecker:
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _die_with_parent(parent: int) -> None:
-    """In a check worker: a restore killed with -9 cannot shut its pool down, and its workers
-    idled on as orphans for good. Linux now kills them with it (PR_SET_PDEATHSIG; the main
-    thread, which forked them, lives as long as the restore)."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass  # not Linux/glibc: the pool's own shutdown is all there is
-    if os.getppid() != parent:  # the restore went before the request took effect
-        os._exit(1)
 
 
 def _publish(placements: list[Placement], result: RestoreResult, repo: Repository, cfg: Config | None) -> None:
