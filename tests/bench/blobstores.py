@@ -9,8 +9,8 @@ warms the page cache, then times on the same data:
   incremental    after +2 % files           | restic backup (same change)
   full restore   drtool restore              | restic restore
 and prints each figure, the ratios drtool/restic and drtool/(tar|zstd), and drtool's peak memory
-(the summed PSS of its process tree, or its max RSS from wait4 where that is more: a restore
-forks a second process). Every tool runs as a child process of this one.
+(the summed PSS of its process tree, or its max RSS from wait4 where that is more: a backup or
+restore forks a second process for a large store). Every tool runs as a child process of this one.
 Each tool starts after a sync, so none pays for writing back what the one before it (or
 the sample's build) left dirty; the repositories are read once before the restores, so every
 restore reads its repository from the page cache, as every backup reads the node.
@@ -45,7 +45,7 @@ def run(argv: list[str], env: dict | None = None, stdout=subprocess.DEVNULL, she
     os.sync()  # no tool pays for writing back what the one before it (or the sample) left dirty
     started = time.perf_counter()
     proc = subprocess.Popen(argv, env=env, stdout=stdout, stderr=subprocess.PIPE, shell=shell)
-    tree = TreeMemory(proc.pid)  # a restore forks a second process: the sum counts
+    tree = TreeMemory(proc.pid)  # drtool forks a second process for a large store: the sum counts
     err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""  # until it ends
     peak_tree = tree.stop()
     _pid, status, usage = os.wait4(proc.pid, 0)

@@ -50,7 +50,7 @@ def run(argv: list[str], env: dict) -> tuple[float, int, int]:
 
     sampler = threading.Thread(target=sample_fds, daemon=True)
     sampler.start()
-    tree = TreeMemory(proc.pid)  # a restore forks a second process: the sum counts
+    tree = TreeMemory(proc.pid)  # drtool forks a second process for a large store: the sum counts
     err = proc.stderr.read().decode(errors="replace")  # drained before wait4: no pipe deadlock
     peak_tree = tree.stop()
     _pid, status, usage = os.wait4(proc.pid, 0)

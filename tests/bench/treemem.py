@@ -1,7 +1,8 @@
 """Peak memory of a process tree: the summed PSS of a process and all its descendants.
 
-wait4's ru_maxrss is the largest single process's peak; a restore that forks a second process
-(repo/forked.py) or check workers uses the sum. PSS counts pages a fork shares once."""
+wait4's ru_maxrss is the largest single process's peak; a backup or restore that forks a
+second process (repo/forked.py), or a restore's check workers, use the sum. PSS counts the
+pages a fork shares once."""
 
 from __future__ import annotations
 
