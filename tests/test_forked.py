@@ -99,8 +99,9 @@ def test_a_store_split_between_two_processes_is_backed_up_as_one_would(tmp_path,
     assert ref == alone  # tree id, files, bytes, dirs
     counted = ("files_new", "files_unchanged", "files_vanished", "bytes_read")
     assert [getattr(stats[0], k) for k in counted] == [getattr(stats[1], k) for k in counted]
-    # Packs are cut apart in two places, and .dah heights met in both halves are stored twice.
-    assert stats[1].bytes_stored <= stats[0].bytes_stored < 1.1 * stats[1].bytes_stored
+    # Packs are cut apart in two places, and .dah heights met in both halves are stored twice:
+    # about as much is stored, not the same bytes.
+    assert 0.9 * stats[1].bytes_stored < stats[0].bytes_stored < 1.1 * stats[1].bytes_stored
     assert stats[0].files_new == ref["files"] == 8 * (2 * 20 + 1)
 
     changed = sorted((src / "07").glob("*.tx"))[0]  # in the forked half
