@@ -16,17 +16,18 @@ connections: it builds its own (ObjectStore.after_fork).
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import logging
 import os
 import signal
 import threading
 import time
-from multiprocessing.connection import Connection
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from drtool import errors
+
+if TYPE_CHECKING:  # imported where a fork is made: every command imports this module
+    from multiprocessing.connection import Connection
 
 PROGRESS_EVERY = 0.2  # seconds between the child's progress messages
 
@@ -34,6 +35,8 @@ PROGRESS_EVERY = 0.2  # seconds between the child's progress messages
 def die_with_parent(parent: int) -> None:
     """In a forked child: a parent killed with -9 cannot stop it, so Linux does
     (PR_SET_PDEATHSIG: it fires when the thread that forked the child ends)."""
+    import ctypes
+
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
     except (OSError, AttributeError):
@@ -89,6 +92,8 @@ class Forked:
     """A child process running `work(progress, folder_done)`; its (picklable) result by wait()."""
 
     def __init__(self, work: Callable[[Any, Callable[[Any], None]], Any], progress: Any) -> None:
+        from multiprocessing.connection import Connection
+
         read_fd, write_fd = os.pipe()
         parent = os.getpid()
         # Objects that exist now are left out of the child's cycle collections: a collection

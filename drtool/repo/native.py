@@ -20,7 +20,6 @@ import hashlib
 import json
 import logging
 import os
-import queue
 import random
 import stat as stat_mod
 import threading
@@ -29,7 +28,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from drtool import __version__
+from drtool import __version__, handoff
 from drtool.errors import IntegrityError, ObjectNotFound, RepositoryError, SourceError
 from drtool.progress import Progress
 from drtool.repo import chunker, directio, pack
@@ -399,8 +398,7 @@ class NativeRepository(Repository):
         if self._tiny_by_pack is None:
             self._tiny_by_pack = self.index.tiny_blobs_by_pack(_SmallBlobs.MAX_BLOB)
         dirs = [e for e in entries if isinstance(e, dict) and e.get("type") == "dir"]
-        if not (FORKED_RESTORE and hasattr(os, "fork") and self.store.forkable
-                and ref.get("files", 0) >= FORK_MIN_FILES and len(dirs) >= 2):
+        if not _split_pays(FORKED_RESTORE, self.store, ref.get("files", 0), len(dirs)):
             return self._restore_entries(entries, dest, progress, on_folder_done)
         # Many files in several top-level folders: the second half of the folders is restored
         # by a forked process (repo/forked.py), the rest here, each with its own interpreter lock.
@@ -457,7 +455,7 @@ class NativeRepository(Repository):
             asking a future costs a lock), waiting while too many are in flight."""
             nonlocal batch, batch_bytes, submitted, done
             if batch:
-                writes.append(writers.submit(self._restore_files, batch, fetcher, small, progress))
+                writes.append(writers.submit(self._restore_files, batch, fetcher, progress))
                 submitted += 1
                 batch, batch_bytes = [], 0
             while len(writes) > WRITES_IN_FLIGHT or (writes and writes[0].done()):
@@ -533,7 +531,7 @@ class NativeRepository(Repository):
             self._small_blobs.keep(body, blobs)
 
     def _restore_files(self, files: list[tuple[str, str, dict]], fetcher: "_PackFetcher",
-                       small: "_SmallBlobs", progress: Progress) -> None:
+                       progress: Progress) -> None:
         # The pack bodies this batch uses, asked of the fetcher once each and released together
         # at the end: the files of a batch mostly share a pack, and each ask takes locks.
         bodies: dict[str, bytes] = {}
@@ -541,14 +539,14 @@ class NativeRepository(Repository):
         nbytes = 0
         try:
             for target, path, entry in files:
-                self._restore_file(target, path, entry, fetcher, small, bodies, uses)
+                self._restore_file(target, path, entry, fetcher, bodies, uses)
                 nbytes += entry["size"]
         finally:
             for pack_key, n in uses.items():
                 fetcher.release(pack_key, n)
         progress.advance(files=len(files), nbytes=nbytes)
 
-    def _restore_file(self, target: str, path: str, entry: dict, fetcher: "_PackFetcher", small: "_SmallBlobs",
+    def _restore_file(self, target: str, path: str, entry: dict, fetcher: "_PackFetcher",
                       bodies: dict[str, bytes], uses: collections.Counter) -> None:
         # Created with its final mode where the umask allows it: one chmod call fewer per file.
         # A large file is written past the page cache (directio): the restore will not read it.
@@ -567,7 +565,7 @@ class NativeRepository(Repository):
                     # A view into the pack's body, not a copy (a copy holds the interpreter lock
                     # for every byte restored); `bodies` keeps the body until the batch is done.
                     data = self.read_blob(blob_id, path, body, view=True, loc=loc)
-                    small.put(blob_id, data)  # before the pack may go: the walker looks here first
+                    self._small_blobs.put(blob_id, data)  # before the pack may go: the walker looks here first
                     uses[loc.pack] += 1
                 if whole:
                     whole.update(data)
@@ -589,7 +587,10 @@ class NativeRepository(Repository):
             os.close(fd)
 
     def read_stream(self, ref: dict, views: bool = False) -> Iterator[bytes]:
-        return _read_ahead(self._read_stream(ref, views), STREAM_CHUNKS_AHEAD)
+        # Read by a thread of its own: the checks (SHA-256 of each chunk and of the whole) run
+        # beside the consumer's writes (to pg_restore, asrestore), not between them. They were
+        # 3 of the 7 s a PostgreSQL restore's writing thread took, while pg_restore waited.
+        return handoff.read_ahead(self._read_stream(ref, views), STREAM_CHUNKS_AHEAD)
 
     def _read_stream(self, ref: dict, views: bool) -> Iterator[bytes]:
         where = f"stream {ref.get('name', '')}".strip()
@@ -724,48 +725,10 @@ class NativeRepository(Repository):
         return key, (f"{len(bad)} blobs do not match their hashes" if bad else None), bad
 
 
-def _read_ahead(items: Iterator[Any], depth: int) -> Iterator[Any]:
-    """`items`, produced by a thread of their own up to `depth` ahead of the consumer. A
-    stream's checks (SHA-256 of each chunk and of the whole) then run beside the consumer's
-    writes (to pg_restore, asrestore), not between them: they were 3 of the 7 s a PostgreSQL
-    restore's writing thread took, while pg_restore waited for input."""
-    ready: queue.Queue = queue.Queue(depth)
-    stop = threading.Event()
-
-    def put(message: tuple) -> bool:
-        while not stop.is_set():
-            try:
-                ready.put(message, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def produce() -> None:
-        try:
-            for item in items:
-                if not put(("item", item)):
-                    return
-            put(("end", None))
-        except BaseException as exc:  # noqa: BLE001 - raised again in the consumer's thread
-            put(("error", exc))
-        finally:
-            items.close()  # the source's own clean-up (its fetcher), in the thread that ran it
-
-    producer = threading.Thread(target=produce, daemon=True, name="drtool-read-ahead")
-    producer.start()
-    try:
-        while True:
-            kind, value = ready.get()
-            if kind == "item":
-                yield value
-            elif kind == "end":
-                return
-            else:
-                raise value
-    finally:
-        stop.set()  # the consumer is done (or gave up): the producer stops at its next item
-        producer.join()
+def _split_pays(enabled: bool, store: ObjectStore, files: int, folders: int) -> bool:
+    """Whether a store goes to two processes (repo/forked.py): where fork exists, where no
+    [throttle] limit would be copied (`forkable`), for enough files in several top-level folders."""
+    return enabled and hasattr(os, "fork") and store.forkable and files >= FORK_MIN_FILES and folders >= 2
 
 
 def _refs(source: str, value: dict) -> Iterator[tuple[str, dict]]:
@@ -1111,15 +1074,13 @@ class NativeBackup(BackupSession):
                    progress: Progress) -> "_ForkedHalf | None":
         """Many files in several top-level folders: the second half of the folders is backed up
         by a forked process (repo/forked.py), with its own packer, while this one walks the rest."""
-        if not (FORKED_BACKUP and hasattr(os, "fork") and self.repo.store.forkable):
-            return None
         try:
             with os.scandir(spec.root) as it:
                 names = sorted(de.name for de in it if de.is_dir(follow_symlinks=False) and not spec.exclude(de.name, True))
             estimate = (parent_ref or {}).get("files") or len(os.listdir(spec.root / names[0])) * len(names)
         except (OSError, IndexError):
             return None
-        if len(names) < 2 or estimate < FORK_MIN_FILES:
+        if not _split_pays(FORKED_BACKUP, self.repo.store, estimate, len(names)):
             return None
         names = names[len(names) // 2:]
         parent_ids = {}

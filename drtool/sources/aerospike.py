@@ -33,6 +33,7 @@ from typing import Any, BinaryIO, Callable, Iterable, Iterator
 
 import zstandard
 
+from drtool import handoff
 from drtool.errors import ConfigError, SourceError
 from drtool.secrets import redact, register
 from drtool.sources.asb import (
@@ -989,53 +990,33 @@ def make_engine(aero_cfg, hosts: list[str] | None = None):
 
 
 def _pump_writes(produce: Callable[[BinaryIO], Any], max_chunks: int = 8) -> tuple[Iterator[bytes], dict]:
-    """Run `produce(fileobj)` in a thread; its writes come out as an iterator of chunks (a
-    bounded queue keeps memory flat). The result dict gets "value" or "error"."""
-    import queue
-
-    q: queue.Queue = queue.Queue(maxsize=max_chunks)
+    """Run `produce(fileobj)` in a thread; its writes come out as an iterator of 1 MiB chunks
+    (drtool.handoff: a bounded queue keeps memory flat, and a consumer that stops early stops
+    the writer at its next chunk). The result dict gets produce's return value as "value"."""
     result: dict[str, Any] = {}
-    done = object()
 
-    class _QueueFile:
-        def __init__(self) -> None:
+    class _ChunkingFile:
+        def __init__(self, put: Callable[[bytes], None]) -> None:
+            self.put = put
             self.buf = bytearray()
 
         def write(self, data: bytes) -> int:
             self.buf += data
             if len(self.buf) >= 1 << 20:
-                q.put(bytes(self.buf))
+                self.put(bytes(self.buf))
                 self.buf.clear()
             return len(data)
 
         def flush(self) -> None:
             pass
 
-    def run() -> None:
-        f = _QueueFile()
-        try:
-            result["value"] = produce(f)
-            if f.buf:
-                q.put(bytes(f.buf))
-        except BaseException as exc:  # handed to the consumer
-            result["error"] = exc
-        finally:
-            q.put(done)
+    def run(put: Callable[[bytes], None]) -> None:
+        f = _ChunkingFile(put)
+        result["value"] = produce(f)
+        if f.buf:
+            put(bytes(f.buf))
 
-    thread = threading.Thread(target=run, name="drtool-aerospike-scan", daemon=True)
-    thread.start()
-
-    def chunks() -> Iterator[bytes]:
-        while True:
-            item = q.get()
-            if item is done:
-                break
-            yield item
-        thread.join()
-        if "error" in result:
-            raise result["error"]
-
-    return chunks(), result
+    return handoff.produced(run, max_chunks, "drtool-aerospike-scan"), result
 
 
 INCREMENTAL_MARGIN = 300  # seconds before the parent's start: clocks differ, records may be re-sent
