@@ -203,6 +203,10 @@ class _CountingStore(LocalStore):
         self.reads[key] += 1
         return super().get(key)
 
+    def get_into(self, key, buffer):
+        self.reads[key] += 1
+        return super().get_into(key, buffer)
+
 
 def test_tiny_blobs_met_again_in_a_later_store_are_not_fetched_again(tmp_path, monkeypatch):
     """Two stores whose .dah sidecars hold the same heights: the second store's are the first
@@ -297,7 +301,7 @@ def test_the_forked_half_dies_with_a_restore_killed_9(tmp_path):
 def test_pack_buffers_are_not_shared_with_a_forked_child():
     """Pooled pack buffers and direct-write buffers are anonymous mmaps; mmap's default
     (MAP_SHARED) had the forked backup half fill the parent's buffers, corrupting its packs."""
-    buf = pack._take_buffer()
+    buf = pack.take_buffer()
     buf[:5] = b"mine!"
     pid = os.fork()
     if pid == 0:
@@ -305,7 +309,7 @@ def test_pack_buffers_are_not_shared_with_a_forked_child():
         os._exit(0)
     os.waitpid(pid, 0)
     assert buf[:5] == b"mine!"
-    pack._give_back(buf)
+    pack.give_back(buf)
 
 
 class _Counted:

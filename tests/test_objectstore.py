@@ -64,6 +64,15 @@ def test_put_get_and_overwrite(object_store):
     assert leftovers(object_store) == []
 
 
+def test_put_takes_a_view_of_pooled_memory(object_store):
+    """Packs are sealed into pooled buffers and handed over as memoryviews."""
+    memory = bytearray(b"xx" + bytes(range(256)) * 10 + b"yy")
+    with memoryview(memory) as view:
+        object_store.put("data/cd/view", view[2:-2])
+    assert object_store.get("data/cd/view") == bytes(range(256)) * 10
+    assert bytes(object_store.get_into("data/cd/view", bytearray(4096))) == bytes(range(256)) * 10
+
+
 def test_put_if_absent(object_store):
     assert object_store.put_if_absent("locks/backup", b"owner-1") is True
     assert object_store.put_if_absent("locks/backup", b"owner-2") is False

@@ -439,7 +439,7 @@ class NativeRepository(Repository):
         stats = RestoreStats()
         submitted = done = 0  # write batches, in order; all up to `done` have finished
         folders_waiting: collections.deque[tuple[int, Path]] = collections.deque()
-        fetcher = _PackFetcher(self, self._keep_tiny_blobs)
+        fetcher = _PackFetcher(self, self._keep_tiny_blobs, pooled=True)
         writers = ThreadPoolExecutor(WRITERS, thread_name_prefix="drtool-write")
         writes: collections.deque[Future] = collections.deque()
         batch: list[tuple[str, str, dict]] = []  # files for one writer task
@@ -785,13 +785,17 @@ class _SmallBlobs:
 
 class _PackFetcher:
     """Fetches and decompresses packs ahead of the restore writer, with reference counts
-    so a pack's bytes are dropped as soon as its last blob is written."""
+    so a pack's bytes are dropped as soon as its last blob is written. `pooled`: packs are
+    read and decompressed into pooled buffers (pack.take_buffer), each given back when its
+    pack leaves `recent`; for callers whose views of a body end with their release()."""
 
-    def __init__(self, repo: NativeRepository, on_fetched: Callable[[str, bytes], None] | None = None):
+    def __init__(self, repo: NativeRepository, on_fetched: Callable[[str, bytes], None] | None = None,
+                 pooled: bool = False):
         self.repo = repo
         self.on_fetched = on_fetched  # called with each pack's body, in the fetching thread
+        self.pooled = pooled
         self.pool = ThreadPoolExecutor(UPLOADERS)
-        self.futures: dict[str, Future] = {}
+        self.futures: dict[str, Future] = {}  # -> (body, its pooled buffer or None)
         self.refs: collections.Counter = collections.Counter()
         self.lock = threading.Lock()  # writers release while the walker wants
         # Packs released a moment ago: the look-ahead may stop in the middle of a pack of
@@ -806,11 +810,20 @@ class _PackFetcher:
             if pack_key not in self.futures:
                 self.futures[pack_key] = self.pool.submit(self._fetch, pack_key)
 
-    def _fetch(self, pack_key: str) -> bytes:
-        body = pack.decode_body(self.repo.store.get(pack_key), pack_key)
+    def _fetch(self, pack_key: str) -> tuple[bytes | memoryview, Any]:
+        if not self.pooled:
+            body, memory = pack.decode_body(self.repo.store.get(pack_key), pack_key), None
+        else:
+            raw = pack.take_buffer()
+            try:
+                obj = self.repo.store.get_into(pack_key, raw)
+                body, memory = pack.decode_pooled(obj, pack_key)
+            finally:
+                obj = None  # no view of `raw` outlives it
+                pack.give_back(raw)
         if self.on_fetched:
             self.on_fetched(pack_key, body)
-        return body
+        return body, memory
 
     def pending(self) -> int:
         return len(self.futures)
@@ -818,7 +831,7 @@ class _PackFetcher:
     def body(self, pack_key: str) -> bytes:
         with self.lock:
             fut = self.futures[pack_key]
-        return fut.result()
+        return fut.result()[0]
 
     def release(self, pack_key: str, uses: int = 1) -> None:
         with self.lock:
@@ -829,9 +842,23 @@ class _PackFetcher:
                 if fut is not None:
                     self.recent[pack_key] = fut
                     while len(self.recent) > 2:
-                        self.recent.popitem(last=False)
+                        self._forget(self.recent.popitem(last=False)[1])
+
+    @staticmethod
+    def _forget(fut: Future) -> None:
+        """A pack nobody wants (every user released it): its pooled buffer serves another."""
+        if fut.done() and not fut.cancelled() and fut.exception() is None:
+            body, memory = fut.result()
+            if memory is not None:
+                try:
+                    body.release()
+                except BufferError:  # something still holds a view: not reused, then
+                    return
+                pack.give_back(memory)
 
     def close(self) -> None:
+        # Buffers of packs still held are left to the garbage collector, not given back:
+        # after a failure a writer's view may outlive this.
         for fut in self.futures.values():
             fut.cancel()
         self.pool.shutdown(wait=True, cancel_futures=True)
@@ -899,19 +926,20 @@ class _Packer:
 
     def _upload(self, blobs: pack.PackBuffer, level: int) -> None:
         try:
-            obj, entries = pack.seal(blobs, level), blobs.entries
-            blobs.release()  # the raw bytes are not needed while the pack is written
-            if self.dry_run:
-                with self.lock:
-                    self.stats.bytes_stored += len(obj)
-                return
-            key = pack.pack_key(obj)
-            self.repo.store.put(key, obj)  # content-addressed: a repeated put is harmless
-            self.repo.index.add_pack(key, len(obj), entries)
+            with pack.seal(blobs, level) as sealed:
+                entries, size = blobs.entries, len(sealed)
+                blobs.release()  # the raw bytes are not needed while the pack is written
+                if self.dry_run:
+                    with self.lock:
+                        self.stats.bytes_stored += size
+                    return
+                key = pack.pack_key(sealed.view)
+                self.repo.store.put(key, sealed.view)  # content-addressed: a repeated put is harmless
+            self.repo.index.add_pack(key, size, entries)
             with self.lock:
                 self.pending.difference_update(e[1] for e in entries)  # the index knows them now
-                self.stats.bytes_stored += len(obj)
-                self.unindexed.append((key, len(obj), entries))
+                self.stats.bytes_stored += size
+                self.unindexed.append((key, size, entries))
                 self.unindexed_blobs += len(entries)
                 batch = None
                 if len(self.unindexed) >= INDEX_EVERY or self.unindexed_blobs >= INDEX_EVERY_BLOBS:

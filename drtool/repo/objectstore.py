@@ -45,7 +45,8 @@ class ObjectStore(abc.ABC):
 
     @abc.abstractmethod
     def put(self, key: str, data: bytes) -> None:
-        """Write (or overwrite) an object atomically: readers see all of it or nothing."""
+        """Write (or overwrite) an object atomically: readers see all of it or nothing.
+        `data` is any bytes-like object (a sealed pack is a view of pooled memory)."""
 
     @abc.abstractmethod
     def put_if_absent(self, key: str, data: bytes) -> bool:
@@ -72,6 +73,12 @@ class ObjectStore(abc.ABC):
         """Write an object from an iterable of byte chunks with bounded memory (multipart on S3).
         The object appears only when the iterable is exhausted; on error nothing is left behind.
         Returns the number of bytes written."""
+
+    def get_into(self, key: str, buffer) -> bytes | memoryview:
+        """get(), read into `buffer` where the store can and the object fits (a view of it):
+        a restore reads every pack into the same few buffers, not into fresh memory each
+        time. The caller keeps `buffer` untouched while it uses the view."""
+        return self.get(key)
 
     def stat(self, key: str) -> ObjectInfo | None:
         for info in self.list(key):
@@ -249,6 +256,22 @@ class LocalStore(ObjectStore):
     def get(self, key: str) -> bytes:
         try:
             return self._path(key).read_bytes()
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            raise self._not_found(key) from None
+        except OSError as exc:
+            raise self._error("reading", key, exc) from exc
+
+    def get_into(self, key: str, buffer) -> bytes | memoryview:
+        try:
+            with open(self._path(key), "rb", buffering=0) as f:
+                size = os.fstat(f.fileno()).st_size
+                if size > len(buffer):
+                    return f.readall()
+                view = memoryview(buffer)[:size]
+                got = 0
+                while got < size and (n := f.readinto(view[got:])):
+                    got += n
+                return view[:got]
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             raise self._not_found(key) from None
         except OSError as exc:
@@ -499,6 +522,8 @@ class S3Store(ObjectStore):
     # -- the interface ------------------------------------------------------------------------
 
     def put(self, key: str, data: bytes) -> None:
+        if not isinstance(data, (bytes, bytearray)):  # a view of pooled memory (pack.seal): botocore wants bytes
+            data = bytes(data)
         self._call("put", key, "put_object", Bucket=self.bucket, Key=self._full(key), Body=data, **self._extra_put)
 
     def put_if_absent(self, key: str, data: bytes) -> bool:

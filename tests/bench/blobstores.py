@@ -8,9 +8,10 @@ warms the page cache, then times on the same data:
   first backup   drtool -> local repository | restic backup -> local repository | tar -c | zstd -T0
   incremental    after +2 % files           | restic backup (same change)
   full restore   drtool restore              | restic restore
-and prints each figure, the ratios drtool/restic and drtool/(tar|zstd), and drtool's peak memory
-(the summed PSS of its process tree, or its max RSS from wait4 where that is more: a backup or
-restore forks a second process for a large store). Every tool runs as a child process of this one.
+and prints each figure, the ratios drtool/restic and drtool/(tar|zstd), and drtool's and restic's
+peak memory (the summed PSS of the process tree, sampled every 0.1 s for both alike, or the max
+RSS from wait4 where that is more: a backup or restore forks a second process for a large
+store). Every tool runs as a child process of this one.
 Each tool starts after a sync, so none pays for writing back what the one before it (or
 the sample's build) left dirty; the repositories are read once before the restores, so every
 restore reads its repository from the page cache, as every backup reads the node.
@@ -39,13 +40,15 @@ from tests.bench.treemem import TreeMemory
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def run(argv: list[str], env: dict | None = None, stdout=subprocess.DEVNULL, shell: bool = False) -> tuple[float, int]:
+def run(argv: list[str], env: dict | None = None, stdout=subprocess.DEVNULL, shell: bool = False,
+        cwd: Path | None = None) -> tuple[float, int]:
     """(seconds, peak memory in KiB) of one child process: its max RSS, or the summed PSS of
-    its process tree where that is more (treemem.py)."""
+    its process tree where that is more (treemem.py). Every tool timed is sampled alike: a
+    sample costs the machine 3-4 ms of kernel time (smaps_rollup walks the page tables)."""
     os.sync()  # no tool pays for writing back what the one before it (or the sample) left dirty
     started = time.perf_counter()
-    proc = subprocess.Popen(argv, env=env, stdout=stdout, stderr=subprocess.PIPE, shell=shell)
-    tree = TreeMemory(proc.pid)  # drtool forks a second process for a large store: the sum counts
+    proc = subprocess.Popen(argv, env=env, stdout=stdout, stderr=subprocess.PIPE, shell=shell, cwd=cwd)
+    tree = TreeMemory(proc.pid, every=0.1)  # drtool forks a second process for a large store: the sum counts
     err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""  # until it ends
     peak_tree = tree.stop()
     _pid, status, usage = os.wait4(proc.pid, 0)
@@ -105,7 +108,7 @@ def main() -> None:
             results[f"drtool-{engine} backup"], peak[f"drtool-{engine} backup"] = run(drtool_argv(cfg, "backup"), env)
         restic_repo = base / "restic-plain"
         run(["restic", "init", "--repo", str(restic_repo)], env)
-        results["restic backup"], _ = _restic_backup(restic_repo, node_dir, env)
+        results["restic backup"], peak["restic backup"] = _restic_backup(restic_repo, node_dir, env)
         for name, level in (("tar|zstd", 3), ("tar|zstd -1", 1)):  # zstd's default level, and drtool's
             results[name], _ = run(f"tar -cf - -C {node_dir} --exclude='*.tmp' --exclude=subtree_quorum . "
                                    f"| zstd -T0 -{level} -q -o {base / f'node-{level}.tar.zst'}", shell=True)
@@ -114,7 +117,7 @@ def main() -> None:
         sample.add_files(node_dir, seed=2, count=max(1, args.tx_files * 2 // 100))
         for engine, cfg in cfgs.items():
             results[f"drtool-{engine} incremental"], peak[f"drtool-{engine} incremental"] = run(drtool_argv(cfg, "backup"), env)
-        results["restic incremental"], _ = _restic_backup(restic_repo, node_dir, env)
+        results["restic incremental"], peak["restic incremental"] = _restic_backup(restic_repo, node_dir, env)
 
         # full restore, every repository read from the page cache (as the node was for the
         # backups): drtool writes its packs past the cache, restic and tar through it
@@ -125,7 +128,7 @@ def main() -> None:
                 drtool_argv(cfg, "restore", "latest", "--target-dir", str(target)), env)
             results[f"drtool-{engine} restore bytes-only"], peak[f"drtool-{engine} restore bytes-only"] = run(
                 drtool_argv(cfg, "restore", "latest", "--no-teranode-checks", "--target-dir", str(target) + "-b"), env)
-        results["restic restore"], _ = run(["restic", "restore", "latest", "--repo", str(restic_repo), "-q",
+        results["restic restore"], peak["restic restore"] = run(["restic", "restore", "latest", "--repo", str(restic_repo), "-q",
                                             "--target", str(base / "restore-restic-plain")], env)
 
         sizes = {name: _du(path) for name, path in
@@ -156,14 +159,8 @@ def main() -> None:
 
 
 def _restic_backup(repo: Path, node_dir: Path, env: dict) -> tuple[float, int]:
-    argv = ["restic", "backup", "--repo", str(repo), "-q", "--compression", "auto",
-            "--exclude", "*.tmp", "--exclude", "subtree_quorum", "."]
-    os.sync()
-    started = time.perf_counter()
-    proc = subprocess.run(argv, env=env, cwd=node_dir, capture_output=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"restic backup failed: {proc.stderr.decode()[-2000:]}")
-    return time.perf_counter() - started, 0
+    return run(["restic", "backup", "--repo", str(repo), "-q", "--compression", "auto",
+                "--exclude", "*.tmp", "--exclude", "subtree_quorum", "."], env, cwd=node_dir)
 
 
 def _du_files(path: Path) -> tuple[int, int]:
