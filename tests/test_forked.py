@@ -203,9 +203,9 @@ class _CountingStore(LocalStore):
         self.reads[key] += 1
         return super().get(key)
 
-    def get_into(self, key, buffer):
+    def get_view(self, key):
         self.reads[key] += 1
-        return super().get_into(key, buffer)
+        return super().get_view(key)
 
 
 def test_tiny_blobs_met_again_in_a_later_store_are_not_fetched_again(tmp_path, monkeypatch):

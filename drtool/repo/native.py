@@ -439,7 +439,8 @@ class NativeRepository(Repository):
         stats = RestoreStats()
         submitted = done = 0  # write batches, in order; all up to `done` have finished
         folders_waiting: collections.deque[tuple[int, Path]] = collections.deque()
-        fetcher = _PackFetcher(self, self._keep_tiny_blobs, pooled=True)
+        fetcher = _PackFetcher(self, self._keep_tiny_blobs, pooled=True, threads=max(1, UPLOADERS // share))
+        pack.keep_idle(packs_ahead)  # bodies come back in bursts: they serve the next packs
         writers = ThreadPoolExecutor(WRITERS, thread_name_prefix="drtool-write")
         writes: collections.deque[Future] = collections.deque()
         batch: list[tuple[str, str, dict]] = []  # files for one writer task
@@ -519,6 +520,7 @@ class NativeRepository(Repository):
         finally:
             writers.shutdown(wait=True, cancel_futures=True)
             fetcher.close()
+            pack.keep_idle(1)
         return stats
 
     def _keep_tiny_blobs(self, pack_key: str, body: bytes) -> None:
@@ -786,15 +788,16 @@ class _SmallBlobs:
 class _PackFetcher:
     """Fetches and decompresses packs ahead of the restore writer, with reference counts
     so a pack's bytes are dropped as soon as its last blob is written. `pooled`: packs are
-    read and decompressed into pooled buffers (pack.take_buffer), each given back when its
-    pack leaves `recent`; for callers whose views of a body end with their release()."""
+    decompressed (from ObjectStore.get_view) into pooled buffers (pack.take_buffer), each
+    given back when its pack leaves `recent`; for callers whose views of a body end with
+    their release()."""
 
     def __init__(self, repo: NativeRepository, on_fetched: Callable[[str, bytes], None] | None = None,
-                 pooled: bool = False):
+                 pooled: bool = False, threads: int = UPLOADERS):
         self.repo = repo
         self.on_fetched = on_fetched  # called with each pack's body, in the fetching thread
         self.pooled = pooled
-        self.pool = ThreadPoolExecutor(UPLOADERS)
+        self.pool = ThreadPoolExecutor(threads)
         self.futures: dict[str, Future] = {}  # -> (body, its pooled buffer or None)
         self.refs: collections.Counter = collections.Counter()
         self.lock = threading.Lock()  # writers release while the walker wants
@@ -814,13 +817,7 @@ class _PackFetcher:
         if not self.pooled:
             body, memory = pack.decode_body(self.repo.store.get(pack_key), pack_key), None
         else:
-            raw = pack.take_buffer()
-            try:
-                obj = self.repo.store.get_into(pack_key, raw)
-                body, memory = pack.decode_pooled(obj, pack_key)
-            finally:
-                obj = None  # no view of `raw` outlives it
-                pack.give_back(raw)
+            body, memory = pack.decode_pooled(self.repo.store.get_view(pack_key), pack_key)
         if self.on_fetched:
             self.on_fetched(pack_key, body)
         return body, memory

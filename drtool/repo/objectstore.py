@@ -10,6 +10,7 @@ from __future__ import annotations
 import abc
 import io
 import logging
+import mmap
 import os
 import re
 import secrets as _random
@@ -74,10 +75,10 @@ class ObjectStore(abc.ABC):
         The object appears only when the iterable is exhausted; on error nothing is left behind.
         Returns the number of bytes written."""
 
-    def get_into(self, key: str, buffer) -> bytes | memoryview:
-        """get(), read into `buffer` where the store can and the object fits (a view of it):
-        a restore reads every pack into the same few buffers, not into fresh memory each
-        time. The caller keeps `buffer` untouched while it uses the view."""
+    def get_view(self, key: str):
+        """get(), as any bytes-like object (LocalStore: the file mapped read-only, no copy and no
+        fresh memory to fill), valid while referenced: for a caller that drops it soon (a
+        restore decompressing a pack)."""
         return self.get(key)
 
     def stat(self, key: str) -> ObjectInfo | None:
@@ -261,17 +262,14 @@ class LocalStore(ObjectStore):
         except OSError as exc:
             raise self._error("reading", key, exc) from exc
 
-    def get_into(self, key: str, buffer) -> bytes | memoryview:
+    def get_view(self, key: str):
         try:
             with open(self._path(key), "rb", buffering=0) as f:
-                size = os.fstat(f.fileno()).st_size
-                if size > len(buffer):
-                    return f.readall()
-                view = memoryview(buffer)[:size]
-                got = 0
-                while got < size and (n := f.readinto(view[got:])):
-                    got += n
-                return view[:got]
+                if os.fstat(f.fileno()).st_size == 0:
+                    return b""  # mmap refuses an empty file
+                # Packs are never rewritten in place (a new one is renamed over), and a mapping
+                # outlives an unlink: the view stays what was read.
+                return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             raise self._not_found(key) from None
         except OSError as exc:
