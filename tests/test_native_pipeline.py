@@ -149,7 +149,7 @@ def test_a_damaged_or_cut_pack_decoded_into_a_pooled_buffer_is_an_integrity_erro
     obj, _ = pack.encode([(pack.DATA, "b" * 64, random.Random(4).randbytes(200_000) * 3)], 1)
     flipped = bytearray(obj)
     flipped[len(obj) // 3] ^= 0x10
-    for bad in (bytes(flipped), obj[:len(obj) // 2], obj[:10]):
+    for bad in (bytes(flipped), obj[:len(obj) // 2], obj[:10], b"not a zstd frame at all"):
         with pytest.raises(IntegrityError, match="pack k: cannot decompress"):
             pack.decode_pooled(bad, "k")
     assert pack.decode_pooled(pack.encode([], 1)[0], "k") == (b"", None)

@@ -51,7 +51,7 @@ def private_memory(size: int) -> mmap.mmap:
 
 def take_buffer() -> mmap.mmap:
     """A BUFFER_SIZE buffer from the pool (or a new one). Pack bytes pass through these again
-    and again (filled, compressed into, read into, decompressed into): a fresh allocation per
+    and again (filled, compressed into, decompressed into): a fresh allocation per
     pack costs 2,048 page faults to fill and an munmap to free, for every 8 MiB moved (the
     sample node's backup: 700k faults, 15 % of its CPU time)."""
     with _pool_lock:
@@ -227,7 +227,10 @@ def decode_pooled(obj, key: str) -> tuple[memoryview | bytes, mmap.mmap | None]:
     """decode_body() into a pooled buffer: (the body, the buffer to give_back() when no view
     of the body is left), or (bytes, None) for a frame too large for one. The whole frame in
     one call (zstd's single-pass path, checksum checked) with the interpreter lock free."""
-    size = zstandard.frame_content_size(obj)
+    try:
+        size = zstandard.frame_content_size(obj)
+    except zstandard.ZstdError as exc:  # not a zstd frame at all
+        raise IntegrityError(f"pack {key}: cannot decompress: {exc}") from None
     if not 0 < size <= BUFFER_SIZE:  # an empty frame: nothing to put anywhere
         return decode_body(obj, key), None
     memory = take_buffer()
