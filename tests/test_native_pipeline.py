@@ -26,6 +26,16 @@ def _tree(root) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+def _random_store(src, seed: int, folders: int, suffix: str, sizes: tuple[int, int], files: int = 40):
+    """Hash-prefix folders of `files` random files each: a blob store to back up."""
+    rng = random.Random(seed)
+    for d in range(folders):
+        (src / f"{d:02x}").mkdir(parents=True)
+        for i in range(files):
+            (src / f"{d:02x}" / f"{i:03d}.{suffix}").write_bytes(rng.randbytes(rng.randrange(*sizes)))
+    return src
+
+
 def _restored(repo, ref, dest) -> dict[str, bytes]:
     """Restore `ref` into a new folder `dest`: what it holds."""
     dest.mkdir()
@@ -155,16 +165,11 @@ def test_a_damaged_or_cut_pack_decoded_into_a_pooled_buffer_is_an_integrity_erro
     assert pack.decode_pooled(pack.encode([], 1)[0], "k") == (b"", None)
 
 
-def test_a_restore_reads_and_decompresses_its_packs_into_a_few_reused_buffers(tmp_path, monkeypatch):
+def test_a_restore_decompresses_its_packs_into_a_few_reused_buffers(tmp_path, monkeypatch):
     """Dozens of packs pass through the pool's buffers: a restore does not map fresh memory
     for each pack body (the cost this pool removes), and the restored bytes are right."""
     monkeypatch.setattr(native, "PACK_SIZE", 64 << 10)
-    src = tmp_path / "src"
-    rng = random.Random(6)
-    for d in range(8):
-        (src / f"{d:02x}").mkdir(parents=True)
-        for i in range(40):
-            (src / f"{d:02x}" / f"{i}.subtree").write_bytes(rng.randbytes(rng.randrange(2000, 12000)))
+    src = _random_store(tmp_path / "src", seed=6, folders=8, suffix="subtree", sizes=(2000, 12000))
     repo, ref = _backup(tmp_path / "repo", src)
     packs = sum(1 for _ in (tmp_path / "repo" / "data").rglob("*") if _.is_file())
     made, taken = [], []
@@ -215,12 +220,7 @@ def _evict(path) -> None:
 def test_cached_files_are_read_by_the_walker_and_the_rest_by_readers(tmp_path, monkeypatch):
     """Both walker paths: files the parent does not have (opened once, fstat for their stat)
     and changed files (stat first, then compared with the parent entry)."""
-    src = tmp_path / "src"
-    rng = random.Random(3)
-    for d in range(6):
-        (src / f"{d:02x}").mkdir(parents=True)
-        for i in range(40):
-            (src / f"{d:02x}" / f"{i:03d}.tx").write_bytes(rng.randbytes(rng.randrange(200, 3000)))
+    src = _random_store(tmp_path / "src", seed=3, folders=6, suffix="tx", sizes=(200, 3000))
     files = sorted(src.rglob("*.tx"))
     evicted = files[::2]
     for p in evicted:
