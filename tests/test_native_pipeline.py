@@ -169,6 +169,9 @@ def test_a_restore_decompresses_its_packs_into_a_few_reused_buffers(tmp_path, mo
     """Dozens of packs pass through the pool's buffers: a restore does not map fresh memory
     for each pack body (the cost this pool removes), and the restored bytes are right."""
     monkeypatch.setattr(native, "PACK_SIZE", 64 << 10)
+    # A writer's batch within one pack, as with real 8 MiB packs of small files: a batch that
+    # spans a dozen tiny packs holds them all until it ends (with 128: 10-12 mapped).
+    monkeypatch.setattr(native, "BATCH_FILES", 4)
     src = _random_store(tmp_path / "src", seed=6, folders=8, suffix="subtree", sizes=(2000, 12000))
     repo, ref = _backup(tmp_path / "repo", src)
     packs = sum(1 for _ in (tmp_path / "repo" / "data").rglob("*") if _.is_file())

@@ -436,10 +436,11 @@ class NativeRepository(Repository):
         """Restore `entries` (a tree's, or part of them) under dest; `share`: how many processes
         restore at once, each holding that share of the look-ahead (memory stays bounded)."""
         packs_ahead, entries_ahead = max(1, RESTORE_PACKS_AHEAD // share), RESTORE_ENTRIES_AHEAD // share
+        fetchers = max(1, UPLOADERS // share)
         stats = RestoreStats()
         submitted = done = 0  # write batches, in order; all up to `done` have finished
         folders_waiting: collections.deque[tuple[int, Path]] = collections.deque()
-        fetcher = _PackFetcher(self, self._keep_tiny_blobs, pooled=True, threads=max(1, UPLOADERS // share))
+        fetcher = _PackFetcher(self, self._keep_tiny_blobs, pooled=True, threads=fetchers)
         pack.keep_idle(packs_ahead)  # bodies come back in bursts: they serve the next packs
         writers = ThreadPoolExecutor(WRITERS, thread_name_prefix="drtool-write")
         writes: collections.deque[Future] = collections.deque()

@@ -40,7 +40,7 @@ class ObjectInfo:
 
 
 class ObjectStore(abc.ABC):
-    """put, put_if_absent, get, get_range, list, delete, put_stream (+ stat, open_read)."""
+    """put, put_if_absent, get, get_range, list, delete, put_stream (+ stat, open_read, get_view)."""
 
     url: str  # display form, never holding a secret
 

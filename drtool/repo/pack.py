@@ -148,8 +148,7 @@ class Sealed:
     def close(self) -> None:
         if self._memory is not None:
             self.view.release()
-            if len(self._memory) == BUFFER_SIZE:
-                give_back(self._memory)
+            give_back(self._memory)  # a bigger one of its own is left to be unmapped
             self._memory = None
 
     def __enter__(self) -> "Sealed":
@@ -188,8 +187,7 @@ def seal(buf: PackBuffer, level: int) -> Sealed:
             out[size:size + TRAILER.size] = TRAILER.pack(len(header), MAGIC)
             size += TRAILER.size
     except BaseException:
-        if len(memory) == BUFFER_SIZE:
-            give_back(memory)
+        give_back(memory)
         raise
     return Sealed(memory, size)
 
@@ -220,7 +218,11 @@ def decode_body(obj: bytes, key: str) -> bytes:
     try:
         return decompress_frame(obj)
     except zstandard.ZstdError as exc:
-        raise IntegrityError(f"pack {key}: cannot decompress: {exc}") from None
+        raise _undecodable(key, exc) from None
+
+
+def _undecodable(key: str, why: object) -> IntegrityError:
+    return IntegrityError(f"pack {key}: cannot decompress: {why}")
 
 
 def decode_pooled(obj, key: str) -> tuple[memoryview | bytes, mmap.mmap | None]:
@@ -230,22 +232,23 @@ def decode_pooled(obj, key: str) -> tuple[memoryview | bytes, mmap.mmap | None]:
     try:
         size = zstandard.frame_content_size(obj)
     except zstandard.ZstdError as exc:  # not a zstd frame at all
-        raise IntegrityError(f"pack {key}: cannot decompress: {exc}") from None
+        raise _undecodable(key, exc) from None
     if not 0 < size <= BUFFER_SIZE:  # an empty frame: nothing to put anywhere
         return decode_body(obj, key), None
     memory = take_buffer()
+    body = memoryview(memory)[:size]
     try:
-        body = memoryview(memory)[:size]
         with zstandard.ZstdDecompressor().stream_reader(obj) as reader:
             got = reader.readinto(body)
-            if got != size:  # cut short (every blob is checked by its id besides)
-                raise IntegrityError(f"pack {key}: cannot decompress: frame holds {got} of {size} bytes")
     except zstandard.ZstdError as exc:
         give_back(memory)
-        raise IntegrityError(f"pack {key}: cannot decompress: {exc}") from None
+        raise _undecodable(key, exc) from None
     except BaseException:
         give_back(memory)
         raise
+    if got != size:  # cut short (every blob is checked by its id besides)
+        give_back(memory)
+        raise _undecodable(key, f"frame holds {got} of {size} bytes")
     return body, memory
 
 
