@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from drtool.errors import DrtoolError
+from drtool.errors import DrtoolError, IntegrityError
 from drtool.repo import pack
 from drtool.repo.index import encode_index
 from drtool.repo.objectstore import LocalStore
@@ -373,6 +373,19 @@ def test_fuzzed_trees_raise_drtool_errors_only(fuzz_repo, entries):
             _restore_fuzzed_tree(crafter, entries, dest)
         except DrtoolError:
             pass
+
+
+def test_a_tree_naming_an_entry_twice_is_an_integrity_error(fuzz_repo):
+    """Found by the fuzzer above: a directory and a symlink both named "0" raised the second
+    one's FileExistsError, not an error naming the tree."""
+    _node, crafter, _base = fuzz_repo
+    twice = [{"name": "0", "type": "dir", "subtree": "SUB", "mtime_ns": 0, "mode": 0o755},
+             {"name": "0", "type": "symlink", "target": "../../etc/passwd"}]
+    with tempfile.TemporaryDirectory() as sandbox:
+        dest = Path(sandbox) / "dest"
+        dest.mkdir()
+        with pytest.raises(IntegrityError, match="tree /: entry name '0' appears twice"):
+            _restore_fuzzed_tree(crafter, twice, dest)
 
 
 def _asb_variants():

@@ -382,8 +382,12 @@ class NativeRepository(Repository):
         return entries
 
     def _walk_entries(self, entries: list, rel: str) -> Iterator[tuple[str, str, dict]]:
+        names: set[str] = set()
         for entry in entries:
             _check_entry(entry, rel or "/")
+            if entry["name"] in names:  # a tampered tree: the second would meet the first's file
+                raise IntegrityError(f"tree {rel or '/'}: entry name {entry['name']!r} appears twice")
+            names.add(entry["name"])
             path = f"{rel}/{entry['name']}" if rel else entry["name"]
             if entry["type"] == "dir":
                 yield "dir", path, entry
